@@ -1,0 +1,2 @@
+// Placeholder: CPU implementations are registered here (TORCH_LIBRARY_IMPL(barber, CPU, m)).
+#include <torch/library.h>

@@ -1,0 +1,1 @@
+// Compile-only check of the torch-free CUDA kernels (see CMakeLists.txt).
