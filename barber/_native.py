@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 
 @functools.lru_cache(maxsize=None)
 def _load() -> tuple[bool, str]:
+    import torch  # noqa: F401  (loads libtorch, which barber._C links against)
+
     try:
         from barber import _C  # noqa: F401  (importing registers torch.ops.barber.*)
     except ImportError as exc:

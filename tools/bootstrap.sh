@@ -34,7 +34,7 @@ fi
 echo "bootstrap: building barber"
 MAX_JOBS=${MAX_JOBS:-2} "$VPY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 \
   | grep -E "^barber build:|rror" || true
-"$VPY" -c "import barber._C" || { echo "bootstrap: the native extension failed to build" >&2; exit 1; }
+"$VPY" -c "import torch, barber._C" || { echo "bootstrap: the native extension failed to build" >&2; exit 1; }
 
 if [ -f tools/fetch_assets.py ]; then
   "$VPY" tools/fetch_assets.py
