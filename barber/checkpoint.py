@@ -1,0 +1,376 @@
+"""Lazy, validated reading of Hugging Face safetensors checkpoints, one tensor or one block at a time.
+
+`Checkpoint.open(dir)` reads only `config.json`, the optional `model.safetensors.index.json` and the
+safetensors headers. Headers are parsed here, not by the safetensors library, with bounded reads
+(8-byte little-endian length, capped; JSON; every entry checked against the file size), so a corrupt
+or hostile file gives a one-line `CheckpointError` rather than a crash or a huge allocation. Every
+tensor a block or the model needs is then checked against the shape config.json implies.
+
+Reads are lazy: `tensor(name)` maps the shard file and copies exactly that tensor's bytes out of the
+mapping into fresh memory, then tells the kernel to drop those mapped pages (`madvise(DONTNEED)`), so
+nothing of a finished block stays resident. This module does I/O only; the math is in `barber.model`.
+
+Example::
+
+    ckpt = Checkpoint.open("SmolLM2-135M")
+    w = ckpt.block_weights(0, dtype=torch.float32)   # {"self_attn.q_proj.weight": ..., ...}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from barber.config import ModelConfig, read_config_json
+from barber.errors import CheckpointError
+from barber.families import FamilySpec, family_for
+
+log = logging.getLogger(__name__)
+
+#: Largest accepted safetensors JSON header (the safetensors library uses the same 100 MB cap).
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its shard file, dtype, shape and absolute byte range in the file."""
+
+    shard: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def read_safetensors_header(path: Path, shard: str | None = None) -> dict[str, TensorInfo]:
+    """Parse and validate the header of one safetensors file.
+
+    Args:
+        path: the file.
+        shard: the name recorded in each `TensorInfo` (default: the file name).
+
+    Returns:
+        tensor name -> TensorInfo with absolute file offsets.
+
+    Raises:
+        CheckpointError: unreadable, truncated, oversized header, bad JSON, or entries that do not fit the file.
+    """
+    shard = shard or path.name
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            n = int.from_bytes(prefix, "little")
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path}: corrupt safetensors header (claims {n} bytes)")
+            if 8 + n > size:
+                raise CheckpointError(f"{path}: truncated safetensors file (header of {n} bytes, file of {size})")
+            raw = f.read(n)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_start, data_size = 8 + n, size - 8 - n
+    out: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        out[name] = _tensor_info(path, shard, name, entry, data_start, data_size)
+    return out
+
+
+def _tensor_info(path: Path, shard: str, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
+    """Validate one header entry: dtype known, shape of non-negative ints, offsets matching and inside the file."""
+    bad = f"{path}: corrupt safetensors header (entry {name!r}"
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{bad} is not an object)")
+    dtype = _DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+    if dtype is None:
+        raise CheckpointError(f"{bad} has unsupported dtype {entry.get('dtype')!r})")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)):
+        raise CheckpointError(f"{bad} has an invalid shape)")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise CheckpointError(f"{bad} has invalid data_offsets)")
+    begin, end = offsets
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if not 0 <= begin <= end or end - begin != nbytes:
+        raise CheckpointError(f"{bad}: data_offsets {offsets} do not match shape {shape})")
+    if end > data_size:
+        raise CheckpointError(f"{path}: truncated safetensors file (tensor {name!r} ends past the end of the file)")
+    return TensorInfo(shard, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+class Checkpoint:
+    """A validated, lazily read Hugging Face checkpoint directory.
+
+    Attributes:
+        path: the directory.
+        config: the parsed `ModelConfig`.
+        family: the `FamilySpec` of `config.model_type`.
+        num_layers: number of transformer blocks.
+        tensor_names: every tensor name in the checkpoint, sorted.
+        weight_map: tensor name -> shard file name.
+        shard_files: shard file names, sorted.
+    """
+
+    def __init__(self, path: Path, config: ModelConfig, family: FamilySpec, infos: dict[str, TensorInfo]):
+        """Use `Checkpoint.open`; this constructor does no validation."""
+        self.path = path
+        self.config = config
+        self.family = family
+        self._infos = infos
+        self._maps: dict[str, tuple[object, mmap.mmap]] = {}
+        self._block_shapes = family.block_shapes(config)
+        self._globals = family.global_tensors(config)
+
+    # ---- opening and validation -------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Checkpoint":
+        """Open and validate a checkpoint directory (headers and shapes only; no tensor data is read).
+
+        Raises:
+            CheckpointError: a missing or empty directory, missing config.json or shards, corrupt or
+                truncated files, an unsupported model_type, or a tensor missing or shaped unlike config.json.
+        """
+        root = Path(path)
+        if not root.exists():
+            raise CheckpointError(f"{root}: no such checkpoint directory")
+        if not root.is_dir():
+            raise CheckpointError(f"{root}: not a directory")
+        if not any(root.iterdir()):
+            raise CheckpointError(f"{root}: empty checkpoint directory")
+        raw = read_config_json(root / "config.json")
+        family = family_for(str(raw.get("model_type")))
+        try:
+            config = ModelConfig.from_dict(raw)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{root / 'config.json'}: {exc}") from None
+        infos = _read_all_headers(root)
+        ckpt = cls(root, config, family, infos)
+        ckpt._validate_shapes()
+        log.info("opened %s: %s, %d blocks, %d shard(s)", root, family.name, config.num_layers, len(ckpt.shard_files))
+        return ckpt
+
+    def _validate_shapes(self) -> None:
+        """Every tensor the model needs exists with the shape config.json implies."""
+        for i in range(self.num_layers):
+            for local, shape in self._block_shapes.items():
+                self._check(self.block_tensor_name(i, local), shape)
+        for name, shape in self._globals.values():
+            self._check(name, shape)
+
+    def _check(self, name: str, shape: tuple[int, ...]) -> None:
+        info = self._infos.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
+        if info.shape != shape:
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} has shape {list(info.shape)} but config.json implies {list(shape)}"
+            )
+        if not info.dtype.is_floating_point:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has non-float dtype {info.dtype}")
+
+    # ---- description ---------------------------------------------------------------------------
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return sorted(self._infos)
+
+    @property
+    def weight_map(self) -> dict[str, str]:
+        return {name: info.shard for name, info in self._infos.items()}
+
+    @property
+    def shard_files(self) -> list[str]:
+        return sorted({info.shard for info in self._infos.values()})
+
+    def info(self, name: str) -> TensorInfo:
+        """Dtype, shape and location of tensor `name` (no data is read)."""
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
+
+    def block_tensor_name(self, i: int, local: str) -> str:
+        """Full name of block-local tensor `local` (e.g. "self_attn.q_proj.weight") in block `i`."""
+        if not 0 <= i < self.num_layers:
+            raise IndexError(f"block {i} out of range [0, {self.num_layers})")
+        return self.family.block_tensor_name(i, local)
+
+    def block_tensor_names(self) -> list[str]:
+        """Block-local names of the tensors every block has (weights, biases, norms)."""
+        return list(self._block_shapes)
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    def tensor(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+        """Read one tensor: only its bytes are touched, copied out of the mapping into fresh memory.
+
+        Args:
+            name: full tensor name.
+            dtype: convert to this dtype (default: the stored dtype).
+            device: where the result lives.
+        """
+        info = self.info(name)
+        nbytes = info.end - info.start
+        raw = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            mm = self._map(info.shard)
+            raw.numpy()[:] = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=info.start)
+            _drop_pages(mm, info.start, info.end)
+        t = raw.view(info.dtype).reshape(info.shape)
+        return t.to(device=device, dtype=dtype or info.dtype)
+
+    def block_weights(
+        self, i: int, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    ) -> dict[str, torch.Tensor]:
+        """All tensors of block `i`, keyed by block-local name, read in file order."""
+        names = {local: self.block_tensor_name(i, local) for local in self._block_shapes}
+        order = sorted(names, key=lambda local: (self._infos[names[local]].shard, self._infos[names[local]].start))
+        out = {local: self.tensor(names[local], dtype, device) for local in order}
+        self.release()
+        return {local: out[local] for local in names}
+
+    def global_weights(
+        self, keys: tuple[str, ...], dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    ) -> dict[str, torch.Tensor]:
+        """Model-level tensors by `GLOBAL_KEYS` key; keys this model lacks are left out.
+
+        A tied `lm_head` is returned as the token embedding.
+        """
+        out = {}
+        for key in keys:
+            if key == "lm_head" and self.config.tie_word_embeddings:
+                key_name = self._globals["embed_tokens"][0]
+            elif key in self._globals:
+                key_name = self._globals[key][0]
+            else:
+                continue
+            out[key] = self.tensor(key_name, dtype, device)
+        self.release()
+        return out
+
+    def embedding_weights(self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict:
+        """Tensors `barber.model.Arch.embed` needs: embed_tokens (+ embed_positions, project_in)."""
+        return self.global_weights(("embed_tokens", "embed_positions", "project_in"), dtype, device)
+
+    def final_weights(self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict:
+        """Tensors `barber.model.Arch.final_logits` needs: final norm, project_out, lm_head (tied or not)."""
+        return self.global_weights(("norm.weight", "norm.bias", "project_out", "lm_head"), dtype, device)
+
+    def _map(self, shard: str) -> mmap.mmap:
+        if shard not in self._maps:
+            f = open(self.path / shard, "rb")
+            try:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as exc:
+                f.close()
+                raise CheckpointError(f"{self.path / shard}: cannot map: {exc}") from None
+            self._maps[shard] = (f, mm)
+        return self._maps[shard][1]
+
+    def release(self) -> None:
+        """Unmap all shard files (they are remapped on the next read)."""
+        for f, mm in self._maps.values():
+            mm.close()
+            f.close()  # type: ignore[attr-defined]
+        self._maps.clear()
+
+    close = release
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {self.family.name}, {self.num_layers} blocks)"
+
+
+def _drop_pages(mm: mmap.mmap, start: int, end: int) -> None:
+    """Tell the kernel the mapped pages of [start, end) are no longer needed, so they leave our RSS."""
+    if not hasattr(mm, "madvise"):
+        return
+    page = mmap.PAGESIZE
+    lo = start - start % page
+    try:
+        mm.madvise(mmap.MADV_DONTNEED, lo, end - lo)
+    except (OSError, ValueError):
+        pass
+
+
+def _read_all_headers(root: Path) -> dict[str, TensorInfo]:
+    """Headers of the single file or of every shard of the index, cross-checked against the weight_map."""
+    index = root / INDEX_FILE
+    if index.exists():
+        weight_map = _read_index(index)
+        infos: dict[str, TensorInfo] = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = root / shard
+            if not shard_path.is_file():
+                raise CheckpointError(f"{root}: missing shard {shard} (listed in {INDEX_FILE})")
+            for name, info in read_safetensors_header(shard_path, shard).items():
+                if weight_map.get(name) == shard:
+                    infos[name] = info
+        for name, shard in weight_map.items():
+            if name not in infos:
+                raise CheckpointError(f"{root / shard}: tensor {name!r} listed in {INDEX_FILE} is not in the shard")
+        return infos
+    single = root / SINGLE_FILE
+    if single.is_file():
+        return read_safetensors_header(single)
+    raise CheckpointError(f"{root}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """The weight_map of a sharded checkpoint; shard names must be plain file names."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{index}: unreadable index ({exc})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: no weight_map")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard or Path(shard).name != shard:
+            raise CheckpointError(f"{index}: invalid shard name {shard!r} for {name!r}")
+    return weight_map

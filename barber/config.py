@@ -1,0 +1,273 @@
+"""`ModelConfig`: the architecture facts barber needs, parsed from a Hugging Face `config.json`.
+
+Both the transformers 4 and transformers 5 spellings are accepted:
+
+- rotary base and scaling: `rope_theta` + `rope_scaling` (4.x) or one `rope_parameters` dict (5.x);
+- storage dtype: `torch_dtype` (4.x) or `dtype` (5.x);
+- OPT's own names: `ffn_dim`, `activation_function`, `enable_bias`, `word_embed_proj_dim`, `do_layer_norm_before`.
+
+Supported rotary types: `default`, `linear` and `llama3` (LLaMA-3.1 style). Any other type is a
+`CheckpointError`, never a silent fallback to unscaled positions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from barber.errors import CheckpointError
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Rotary frequency scaling (`rope_type` linear or llama3; `default` is represented by None)."""
+
+    rope_type: str
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a decoder-only checkpoint, in family-neutral names.
+
+    Attributes:
+        model_type: the `model_type` of config.json (`llama`, `mistral`, `qwen2`, `opt`).
+        hidden_size: width d of the residual stream.
+        intermediate_size: MLP width (OPT `ffn_dim`).
+        num_layers: number of transformer blocks.
+        num_heads / num_kv_heads / head_dim: attention geometry (GQA when kv < heads).
+        vocab_size: rows of the token embedding.
+        max_position_embeddings: context length (OPT: rows of the learned table, minus the offset).
+        norm_eps: RMSNorm / LayerNorm epsilon.
+        hidden_act: MLP activation name (`silu`, `relu`, `gelu`, ...).
+        rope_theta: rotary base; None for learned positions (OPT).
+        rope_scaling: None for unscaled rotary embeddings.
+        tie_word_embeddings: the output head reuses the token embedding.
+        torch_dtype: the dtype named in config.json, or None.
+        attention_bias / mlp_bias: llama-style bias switches (Qwen2 q/k/v biases come from the family).
+        sliding_window: Mistral-style local attention span, or None for full causal attention.
+        word_embed_proj_dim: OPT embedding width (== hidden_size when there is no project_in/out).
+        do_layer_norm_before: pre-LN (True) or post-LN (False, OPT-350m).
+        final_layer_norm: OPT has a final LayerNorm only when pre-LN and not `_remove_final_layer_norm`.
+        norm_affine: OPT `layer_norm_elementwise_affine`.
+        bos_token_id / eos_token_id: from config.json, possibly None.
+    """
+
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    norm_eps: float
+    hidden_act: str
+    rope_theta: float | None = None
+    rope_scaling: RopeScaling | None = None
+    tie_word_embeddings: bool = False
+    torch_dtype: str | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    word_embed_proj_dim: int | None = None
+    do_layer_norm_before: bool = True
+    final_layer_norm: bool = True
+    norm_affine: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        """Parse a config.json file; any problem is a one-line `CheckpointError`."""
+        data = read_config_json(path)
+        try:
+            return cls.from_dict(data)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        """Build from a config.json dictionary (transformers 4 or 5 form)."""
+        model_type = d.get("model_type")
+        if not isinstance(model_type, str):
+            raise CheckpointError("config.json has no model_type")
+        if model_type == "opt":
+            return _opt_config(d)
+        return _rotary_config(model_type, d)
+
+
+def _get(d: Mapping[str, Any], key: str, kind: type, default: Any = ..., *, positive: bool = False) -> Any:
+    """Read one typed field; a missing required field or a wrong type is a CheckpointError."""
+    if key not in d or d[key] is None:
+        if default is ...:
+            raise CheckpointError(f"config.json is missing {key!r}")
+        return default
+    value = d[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise CheckpointError(f"config.json field {key!r} should be {kind.__name__}, got {value!r}")
+    if positive and not value > 0:
+        raise CheckpointError(f"config.json field {key!r} should be positive, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise CheckpointError(f"config.json field {key!r} is not finite")
+    return value
+
+
+def _token_id(d: Mapping[str, Any], key: str) -> int | None:
+    """bos/eos ids may be an int, a list (first one is used) or null."""
+    value = d.get(key)
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _dtype_name(d: Mapping[str, Any]) -> str | None:
+    value = d.get("dtype", d.get("torch_dtype"))
+    return value if isinstance(value, str) else None
+
+
+def _rope(d: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
+    """Rotary base and scaling from either `rope_parameters` (5.x) or `rope_theta`/`rope_scaling` (4.x)."""
+    params = d.get("rope_parameters")
+    if isinstance(params, dict) and "full_attention" in params and isinstance(params["full_attention"], dict):
+        params = params["full_attention"]  # per-layer-type form; these families only use full attention
+    if params is not None and not isinstance(params, dict):
+        raise CheckpointError(f"config.json field 'rope_parameters' should be an object, got {params!r}")
+    if params:
+        theta = _get(params, "rope_theta", float, None, positive=True)
+        if theta is None:
+            theta = _get(d, "rope_theta", float, 10000.0, positive=True)
+        scaling = params
+    else:
+        theta = _get(d, "rope_theta", float, 10000.0, positive=True)
+        scaling = d.get("rope_scaling")
+    if scaling is None:
+        return theta, None
+    if not isinstance(scaling, dict):
+        raise CheckpointError(f"config.json field 'rope_scaling' should be an object, got {scaling!r}")
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise CheckpointError(
+            f"unsupported rope type {rope_type!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+        )
+    if rope_type == "default":
+        return theta, None
+    factor = _get(scaling, "factor", float, positive=True)
+    if rope_type == "linear":
+        return theta, RopeScaling("linear", factor=factor)
+    low = _get(scaling, "low_freq_factor", float, positive=True)
+    high = _get(scaling, "high_freq_factor", float, positive=True)
+    if not high > low:
+        raise CheckpointError(f"llama3 rope scaling needs high_freq_factor > low_freq_factor, got {high} <= {low}")
+    original = _get(scaling, "original_max_position_embeddings", int, positive=True)
+    return theta, RopeScaling("llama3", factor, low, high, original)
+
+
+def _rotary_config(model_type: str, d: Mapping[str, Any]) -> ModelConfig:
+    """llama / mistral / qwen2 (and any other rotary model type; the family table decides support)."""
+    hidden = _get(d, "hidden_size", int, positive=True)
+    heads = _get(d, "num_attention_heads", int, positive=True)
+    kv_heads = _get(d, "num_key_value_heads", int, heads, positive=True)
+    if heads % kv_heads:
+        raise CheckpointError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+    head_dim = _get(d, "head_dim", int, None, positive=True)
+    if head_dim is None:
+        if hidden % heads:
+            raise CheckpointError(f"hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
+        head_dim = hidden // heads
+    if head_dim % 2:
+        raise CheckpointError(f"head_dim={head_dim} must be even for rotary embeddings")
+    theta, scaling = _rope(d)
+    sliding = None
+    if model_type == "mistral":
+        sliding = _get(d, "sliding_window", int, None, positive=True)
+    elif d.get("use_sliding_window"):
+        # Qwen2's per-layer sliding window (max_window_layers) is not implemented: refuse, never guess.
+        raise CheckpointError(f"{model_type}: use_sliding_window=true is not supported")
+    return ModelConfig(
+        model_type=model_type,
+        hidden_size=hidden,
+        intermediate_size=_get(d, "intermediate_size", int, positive=True),
+        num_layers=_get(d, "num_hidden_layers", int, positive=True),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=_get(d, "vocab_size", int, positive=True),
+        max_position_embeddings=_get(d, "max_position_embeddings", int, 2048, positive=True),
+        norm_eps=_get(d, "rms_norm_eps", float, 1e-6, positive=True),
+        hidden_act=_get(d, "hidden_act", str, "silu"),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_word_embeddings=_get(d, "tie_word_embeddings", bool, False),
+        torch_dtype=_dtype_name(d),
+        attention_bias=_get(d, "attention_bias", bool, False),
+        mlp_bias=_get(d, "mlp_bias", bool, False),
+        sliding_window=sliding,
+        word_embed_proj_dim=hidden,
+        bos_token_id=_token_id(d, "bos_token_id"),
+        eos_token_id=_token_id(d, "eos_token_id"),
+    )
+
+
+def _opt_config(d: Mapping[str, Any]) -> ModelConfig:
+    """OPT: learned positions, LayerNorm, fc1/fc2 MLP, optional project_in/out and post-LN."""
+    hidden = _get(d, "hidden_size", int, positive=True)
+    heads = _get(d, "num_attention_heads", int, positive=True)
+    if hidden % heads:
+        raise CheckpointError(f"hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
+    bias = _get(d, "enable_bias", bool, True)
+    pre_ln = _get(d, "do_layer_norm_before", bool, True)
+    return ModelConfig(
+        model_type="opt",
+        hidden_size=hidden,
+        intermediate_size=_get(d, "ffn_dim", int, positive=True),
+        num_layers=_get(d, "num_hidden_layers", int, positive=True),
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=hidden // heads,
+        vocab_size=_get(d, "vocab_size", int, positive=True),
+        max_position_embeddings=_get(d, "max_position_embeddings", int, 2048, positive=True),
+        norm_eps=1e-5,  # nn.LayerNorm default; OPT configs carry no epsilon
+        hidden_act=_get(d, "activation_function", str, "relu"),
+        tie_word_embeddings=_get(d, "tie_word_embeddings", bool, True),
+        torch_dtype=_dtype_name(d),
+        attention_bias=bias,
+        mlp_bias=bias,
+        word_embed_proj_dim=_get(d, "word_embed_proj_dim", int, hidden, positive=True),
+        do_layer_norm_before=pre_ln,
+        final_layer_norm=pre_ln and not _get(d, "_remove_final_layer_norm", bool, False),
+        norm_affine=_get(d, "layer_norm_elementwise_affine", bool, True),
+        bos_token_id=_token_id(d, "bos_token_id"),
+        eos_token_id=_token_id(d, "eos_token_id"),
+    )
+
+
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """Read config.json as a dictionary; a missing, unreadable or non-object file is a CheckpointError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.parent}: no config.json") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
