@@ -21,3 +21,116 @@ build_info = _native.build_info
 # --- mask ops: topk_mask, nm_mask, rebuild_mask ------------------------------------
 
 # --- packing ops: pack_24, unpack_24, pack_bitmask, unpack_bitmask -----------------
+
+_PACK_OPS = ("pack_24", "unpack_24", "pack_bitmask", "unpack_bitmask")
+_pack_fakes_registered = False
+
+
+def _pack_use_native(op: str, backend: Backend) -> bool:
+    """Whether a packing op runs the native kernel ("auto"/"native"/"torch", see module doc).
+
+    Registers the packing ops' fake kernels the first time the native library is used.
+    """
+    if backend == "torch":
+        return False
+    if backend not in ("auto", "native"):
+        raise ValueError(f"barber.ops.{op}: expected backend 'auto', 'native' or 'torch', got {backend!r}")
+    if not _native.available():
+        if backend == "native":
+            raise RuntimeError(f"barber.ops.{op}: backend='native' but the barber._C extension is not available")
+        return False
+    _register_pack_fakes()
+    return True
+
+
+def pack_24(dense: torch.Tensor, backend: Backend = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """2:4 compression in PyTorch's CUTLASS (sm80) layout; see barber.reference.pack_24.
+
+    Args:
+        dense: [rows, cols] float16, bfloat16 or int8 with at most 2 nonzeros per group of
+            4 columns; rows, cols positive multiples of 32, 64 (int8: 16, 128).
+
+    Returns:
+        (values [rows, cols/2] same dtype, meta [rows, cols/16] int16 or, for int8,
+        [rows, cols/32] int32), bit-identical to torch's
+        sparse_semi_structured_from_dense_cutlass. Raises on groups with 3 or 4 nonzeros.
+    """
+    if _pack_use_native("pack_24", backend):
+        values, meta = torch.ops.barber.pack_24(dense)
+        return values, meta
+    return reference.pack_24(dense)
+
+
+def unpack_24(values: torch.Tensor, meta: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:
+    """Inverse of pack_24: dense [rows, cols] with +0.0 at pruned positions.
+
+    Args:
+        values: [rows, cols/2] float16, bfloat16 or int8.
+        meta: [rows, cols/16] int16 (int8 values: [rows, cols/32] int32) from pack_24.
+    """
+    if _pack_use_native("unpack_24", backend):
+        return torch.ops.barber.unpack_24(values, meta)
+    return reference.unpack_24(values, meta)
+
+
+def pack_bitmask(mask: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:
+    """Bool mask [rows, cols] -> uint8 [rows, ceil(cols/8)], bit j of byte b = column 8b+j.
+
+    Same bytes as numpy.packbits(mask, axis=-1, bitorder="little"); padding bits are zero.
+    """
+    if _pack_use_native("pack_bitmask", backend):
+        return torch.ops.barber.pack_bitmask(mask)
+    return reference.pack_bitmask(mask)
+
+
+def unpack_bitmask(bits: torch.Tensor, cols: int, backend: Backend = "auto") -> torch.Tensor:
+    """uint8 bits [rows, ceil(cols/8)] -> bool mask [rows, cols]; padding bits are ignored."""
+    if _pack_use_native("unpack_bitmask", backend):
+        return torch.ops.barber.unpack_bitmask(bits, cols)
+    return reference.unpack_bitmask(bits, cols)
+
+
+def _register_pack_fakes() -> None:
+    """Fake (meta) kernels of the packing ops, so they trace under torch.compile and opcheck.
+
+    They need the op schemas, which only the loaded native library defines; the checks
+    mirror csrc/pack_checks.h (shapes and dtypes only: values are not visible).
+    """
+    global _pack_fakes_registered
+    if _pack_fakes_registered:
+        return
+    _pack_fakes_registered = True
+
+    def layout(dtype: torch.dtype) -> tuple[torch.dtype, int]:
+        torch._check(dtype in (torch.float16, torch.bfloat16, torch.int8), lambda: f"unsupported dtype {dtype}")
+        return (torch.int32, 32) if dtype == torch.int8 else (torch.int16, 16)
+
+    @torch.library.register_fake("barber::pack_24")
+    def _(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        torch._check(dense.dim() == 2, lambda: "barber::pack_24: expected a 2-D dense tensor")
+        meta_dtype, word_cols = layout(dense.dtype)
+        rows, cols = dense.shape
+        torch._check(cols % word_cols == 0, lambda: f"barber::pack_24: bad cols {cols}")
+        values = dense.new_empty((rows, cols // 2))
+        return values, dense.new_empty((rows, cols // word_cols), dtype=meta_dtype)
+
+    @torch.library.register_fake("barber::unpack_24")
+    def _(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+        torch._check(values.dim() == 2 and meta.dim() == 2, lambda: "barber::unpack_24: expected 2-D inputs")
+        meta_dtype, word_cols = layout(values.dtype)
+        torch._check(meta.dtype == meta_dtype, lambda: f"barber::unpack_24: expected meta of dtype {meta_dtype}")
+        rows, half = values.shape
+        torch._check(meta.shape[0] == rows and meta.shape[1] * word_cols == 2 * half, lambda: "bad meta shape")
+        return values.new_empty((rows, 2 * half))
+
+    @torch.library.register_fake("barber::pack_bitmask")
+    def _(mask: torch.Tensor) -> torch.Tensor:
+        torch._check(mask.dim() == 2 and mask.dtype == torch.bool, lambda: "barber::pack_bitmask: bad mask")
+        rows, cols = mask.shape
+        return mask.new_empty((rows, (cols + 7) // 8), dtype=torch.uint8)
+
+    @torch.library.register_fake("barber::unpack_bitmask")
+    def _(bits: torch.Tensor, cols: int) -> torch.Tensor:
+        torch._check(bits.dim() == 2 and bits.dtype == torch.uint8, lambda: "barber::unpack_bitmask: bad bits")
+        torch._check(bits.shape[1] == (cols + 7) // 8, lambda: "barber::unpack_bitmask: cols do not match")
+        return bits.new_empty((bits.shape[0], cols), dtype=torch.bool)
