@@ -98,7 +98,7 @@ def read_safetensors_header(path: Path, shard: str | None = None) -> dict[str, T
         raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # bad UTF-8 or JSON, oversized integers, absurd nesting
         raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
@@ -116,7 +116,8 @@ def _tensor_info(path: Path, shard: str, name: str, entry: object, data_start: i
     bad = f"{path}: corrupt safetensors header (entry {name!r}"
     if not isinstance(entry, dict):
         raise CheckpointError(f"{bad} is not an object)")
-    dtype = _DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+    dtype_name = entry.get("dtype")
+    dtype = _DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
         raise CheckpointError(f"{bad} has unsupported dtype {entry.get('dtype')!r})")
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
@@ -365,8 +366,8 @@ def _read_index(index: Path) -> dict[str, str]:
     """The weight_map of a sharded checkpoint; shard names must be plain file names."""
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{index}: unreadable index ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{index}: unreadable index ({type(exc).__name__})") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index}: no weight_map")

@@ -146,10 +146,10 @@ class Arch:
     # ---- building blocks ------------------------------------------------------------------------
 
     def _norm(self, x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
-        """RMSNorm (computed in float32, like transformers) or LayerNorm; weights `name.weight/.bias`."""
+        """RMSNorm (computed in at least float32, like transformers) or LayerNorm; weights `name.weight/.bias`."""
         weight = w.get(name + ".weight")
         if self.family.norm == "rms":
-            xf = x.to(torch.float32)
+            xf = x if x.dtype == torch.float64 else x.to(torch.float32)
             xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.config.norm_eps)
             return weight * xf.to(x.dtype)
         return F.layer_norm(x, x.shape[-1:], weight, w.get(name + ".bias"), self.config.norm_eps)

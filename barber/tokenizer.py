@@ -1,0 +1,132 @@
+"""Tokenizers for checkpoints: `tokenizer.json` via the `tokenizers` library, `tokenizer.model` via sentencepiece.
+
+`load_tokenizer(path)` takes a checkpoint directory (tokenizer.json is preferred over tokenizer.model)
+or one of those files directly. `encode` never adds special tokens: callers decide about BOS.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from barber.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+class Tokenizer:
+    """A loaded tokenizer.
+
+    Attributes:
+        path: the file it was loaded from.
+        kind: "tokenizers" or "sentencepiece".
+        bos_id / eos_id: special token ids, or None when the tokenizer has none.
+        vocab_size: number of ids the tokenizer can produce (special tokens included).
+    """
+
+    def __init__(self, path: Path, kind: str, impl, bos_id: int | None, eos_id: int | None, vocab_size: int):
+        self.path = path
+        self.kind = kind
+        self._impl = impl
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without any special token."""
+        if self.kind == "sentencepiece":
+            return list(self._impl.encode(text))
+        return self._impl.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids` (for messages and debugging)."""
+        return self._impl.decode(list(ids))
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({str(self.path)!r}, {self.kind}, vocab={self.vocab_size})"
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load the tokenizer of a checkpoint directory, or a tokenizer.json / *.model file.
+
+    Raises:
+        CheckpointError: no tokenizer file, or one that cannot be read.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if (path / name).is_file():
+                return _load_file(path / name, path)
+        raise CheckpointError(f"{path}: no tokenizer.json or tokenizer.model")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such tokenizer file")
+    return _load_file(path, path.parent)
+
+
+def _load_file(path: Path, ckpt_dir: Path) -> Tokenizer:
+    if path.suffix == ".json":
+        return _load_hf(path, ckpt_dir)
+    return _load_sentencepiece(path)
+
+
+def _load_hf(path: Path, ckpt_dir: Path) -> Tokenizer:
+    """tokenizer.json; BOS/EOS come from config.json, then tokenizer_config.json, then common token names."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        tok = HFTokenizer.from_file(str(path))
+    except Exception as exc:  # the Rust library raises a bare Exception for every parse error
+        raise CheckpointError(f"{path}: unreadable tokenizer ({_first_line(exc)})") from None
+    bos, eos = _special_ids(tok, ckpt_dir)
+    return Tokenizer(path, "tokenizers", tok, bos, eos, tok.get_vocab_size(with_added_tokens=True))
+
+
+def _load_sentencepiece(path: Path) -> Tokenizer:
+    import sentencepiece as spm
+
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: unreadable sentencepiece model ({_first_line(exc)})") from None
+    bos, eos = sp.bos_id(), sp.eos_id()
+    return Tokenizer(path, "sentencepiece", sp, bos if bos >= 0 else None, eos if eos >= 0 else None,
+                     sp.get_piece_size())
+
+
+def _special_ids(tok, ckpt_dir: Path) -> tuple[int | None, int | None]:
+    ids: dict[str, int | None] = {"bos": None, "eos": None}
+    config = _read_json(ckpt_dir / "config.json")
+    for key in ids:
+        value = config.get(f"{key}_token_id")
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            ids[key] = value
+    tok_config = _read_json(ckpt_dir / "tokenizer_config.json")
+    defaults = {"bos": ("<s>", "<|endoftext|>", "<|begin_of_text|>"), "eos": ("</s>", "<|endoftext|>", "<|end_of_text|>")}
+    for key in ids:
+        if ids[key] is not None:
+            continue
+        token = tok_config.get(f"{key}_token")
+        if isinstance(token, dict):
+            token = token.get("content")
+        for candidate in ((token,) if isinstance(token, str) else ()) + defaults[key]:
+            found = tok.token_to_id(candidate)
+            if found is not None:
+                ids[key] = found
+                break
+    return ids["bos"], ids["eos"]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
