@@ -219,7 +219,8 @@ def test_fetch_is_idempotent_and_atomic(fake_pypi, tmp_path, capsys):
     marker = assets.read_marker(cache / assets.WIKI)
     assert marker["source"] == fa.GENSIM_SPEC and marker["sha256"] == fa.WIKI_SHA256
     assert (cache / assets.SENTENCEPIECE / "botchan.txt").read_bytes().startswith(b"Botchan")
-    assert sorted(p.name for p in cache.iterdir()) == sorted([assets.WIKI, assets.SENTENCEPIECE])  # no temp dirs
+    names = sorted(p.name for p in cache.iterdir() if p.name != ".fetch.lock")
+    assert names == sorted([assets.WIKI, assets.SENTENCEPIECE])  # no temp dirs
     out = capsys.readouterr().out
     assert "wiki: fetched" in out and "sentencepiece-test: fetched" in out
 
@@ -243,7 +244,16 @@ def test_sha_mismatch_leaves_no_asset(fake_pypi, monkeypatch, tmp_path):
     with pytest.raises(fa.FetchError, match="sha256 mismatch for .*botchan.txt") as e:
         fa.fetch_all(cache, only=["sentencepiece"])
     assert "\n" not in str(e.value)
-    assert list(cache.iterdir()) == []  # no half asset, no temp dirs
+    assert [p.name for p in cache.iterdir()] == [".fetch.lock"]  # no half asset, no temp dirs
+
+
+def test_leftovers_of_a_killed_run_are_removed(fake_pypi, tmp_path):
+    cache = tmp_path / "cache"
+    (cache / ".tmp-wiki-abc123").mkdir(parents=True)
+    (cache / ".tmp-wiki-abc123" / "wiki.txt").write_text("half")
+    (cache / ".dl-xyz").mkdir()
+    fa.fetch_all(cache, only=["sentencepiece"])
+    assert sorted(p.name for p in cache.iterdir()) == [".fetch.lock", assets.SENTENCEPIECE]
 
 
 def test_cli_reports_errors_in_one_line(fake_pypi, monkeypatch, tmp_path, capsys):

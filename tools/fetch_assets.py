@@ -598,12 +598,23 @@ FETCHERS = {"smollm2": fetch_smollm2, "wiki": fetch_wiki, "sentencepiece": fetch
 
 
 def fetch_all(cache: Path, only: list[str] | None = None, log: Callable[[str], None] = print) -> None:
-    """Fetch every asset (or those named in `only`) into `cache`."""
+    """Fetch every asset (or those named in `only`) into `cache`.
+
+    Holds an exclusive lock on `cache/.fetch.lock` so that concurrent runs (CI and a developer,
+    say) queue instead of racing, and first removes temporary directories a killed run left.
+    """
+    import fcntl
+
     cache.mkdir(parents=True, exist_ok=True)
-    for key, fetch in FETCHERS.items():
-        if only and key not in only:
-            continue
-        fetch(cache, log)
+    with open(cache / ".fetch.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for stale in cache.glob(".*-*"):
+            if stale.is_dir() and stale.name.startswith((".tmp-", ".dl-", ".old-")):
+                shutil.rmtree(stale, ignore_errors=True)
+        for key, fetch in FETCHERS.items():
+            if only and key not in only:
+                continue
+            fetch(cache, log)
 
 
 def main(argv: list[str] | None = None) -> int:
