@@ -72,17 +72,24 @@ BARBER_HOST_DEVICE constexpr int word_cols() {
   return 4 * Elem<Bits>::kGroupsPerWord;
 }
 
-// 4-bit code of a group from its nonzero flags, or kTooManyNonzeros. For groups with at
-// most 2 nonzeros this is the table above; it is torch's Espresso-minimised encoder
-// (which ignores m2), so positions chosen for groups with 0 or 1 nonzeros match torch.
+// Group codes indexed by the 4-bit nonzero pattern p (bit j = element j is nonzero),
+// one nibble per pattern: kCodeTable >> (4 * p) & 0xf. For patterns with at most 2
+// nonzeros these are the codes of torch's Espresso-minimised encoder (which ignores m2),
+// so the positions chosen for groups with 0 or 1 nonzeros match torch; patterns with
+// 3 or 4 nonzeros (set in kTooManyMask) hold a placeholder 0x4. Held in registers: no
+// memory table, so the same code runs on the GPU.
+constexpr uint64_t kCodeTable = 0x444e4dce498e498eull;
+constexpr uint32_t kTooManyMask = 0xe880u;  // patterns 7, 11, 13, 14, 15
+
+// 4-bit code of a group from its nonzero pattern p, or kTooManyNonzeros.
+BARBER_HOST_DEVICE inline int pattern_code(unsigned p) {
+  if ((kTooManyMask >> p) & 1u) return kTooManyNonzeros;
+  return static_cast<int>((kCodeTable >> (4 * p)) & 0xfu);
+}
+
+// The same from the four nonzero flags.
 BARBER_HOST_DEVICE inline int group_code(bool m0, bool m1, bool m2, bool m3) {
-  if (int(m0) + int(m1) + int(m2) + int(m3) > 2) return kTooManyNonzeros;
-  const bool expr0 = m0 && m1;
-  const bool expr1 = !m0 && m1;
-  const bool expr2 = !m0 && !m1;
-  const int first = int(expr1) | (int(expr2) << 1);
-  const int second = int(expr0 || expr2 || m3) | (int(expr1 || !m1) << 1);
-  return first | (second << 2);
+  return pattern_code(unsigned(m0) | (unsigned(m1) << 1) | (unsigned(m2) << 2) | (unsigned(m3) << 3));
 }
 
 // Position (0..3) of the first / second stored element of a group code.
@@ -124,14 +131,13 @@ BARBER_HOST_DEVICE inline int pack_word(const Bits* dense, Bits* values, typenam
   int bad = -1;
   for (int g = 0; g < E::kGroupsPerWord; ++g) {
     const Bits* x = dense + 4 * g;
-    int code = group_code(E::nonzero(x[0]), E::nonzero(x[1]), E::nonzero(x[2]), E::nonzero(x[3]));
-    if (code == kTooManyNonzeros) {
-      if (bad < 0) bad = g;
-      code = 0x4;  // keep going with a valid code; the caller reports the error
-    }
+    const unsigned p = unsigned(E::nonzero(x[0])) | (unsigned(E::nonzero(x[1])) << 1) |
+                       (unsigned(E::nonzero(x[2])) << 2) | (unsigned(E::nonzero(x[3])) << 3);
+    if (((kTooManyMask >> p) & 1u) && bad < 0) bad = g;  // report it; carry on with the placeholder
+    const unsigned code = static_cast<unsigned>((kCodeTable >> (4 * p)) & 0xfu);
     values[2 * g] = x[code_first(code)];
     values[2 * g + 1] = x[code_second(code)];
-    w |= static_cast<typename E::Meta>(code) << (4 * g);
+    w |= static_cast<typename E::Meta>(code << (4 * g));
   }
   *word = w;
   return bad;

@@ -117,6 +117,26 @@ TEST(Pack24Codes, TableOfAllSixteenPatterns) {
   }
 }
 
+// torch's encoder (sparse_semi_structured_from_dense_cutlass), boolean form.
+int torch_espresso_code(bool m0, bool m1, bool m3) {
+  const bool expr0 = m0 && m1, expr1 = !m0 && m1, expr2 = !m0 && !m1;
+  const int first = int(expr1) | (int(expr2) << 1);
+  const int second = int(expr0 || expr2 || m3) | (int(expr1 || !m1) << 1);
+  return first | (second << 2);
+}
+
+TEST(Pack24Codes, TableIsTorchsEncoderForTwoFourPatterns) {
+  for (unsigned p = 0; p < 16; ++p) {
+    const int nonzeros = int(p & 1) + int((p >> 1) & 1) + int((p >> 2) & 1) + int((p >> 3) & 1);
+    const int code = barber::pack24::pattern_code(p);
+    if (nonzeros > 2) {
+      EXPECT_EQ(code, barber::pack24::kTooManyNonzeros) << "pattern " << p;
+    } else {
+      EXPECT_EQ(code, torch_espresso_code(p & 1, p & 2, p & 8)) << "pattern " << p;
+    }
+  }
+}
+
 TEST(Pack24Codes, ValidCodesAreTheSixPairs) {
   std::set<int> valid;
   for (int code = 0; code < 16; ++code) {
