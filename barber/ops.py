@@ -24,11 +24,15 @@ build_info = _native.build_info
 
 _PACK_OPS = ("pack_24", "unpack_24", "pack_bitmask", "unpack_bitmask")
 _pack_fakes_registered = False
+# Device types with native packing kernels in this build (meta runs the fakes); set on first use.
+_pack_native_devices: tuple[str, ...] = ()
 
 
-def _pack_use_native(op: str, backend: Backend) -> bool:
-    """Whether a packing op runs the native kernel ("auto"/"native"/"torch", see module doc).
+def _pack_use_native(op: str, backend: Backend, device: torch.device) -> bool:
+    """Whether a packing op runs the native kernel for a tensor on `device`.
 
+    "auto" uses it when the extension is built with kernels for the device (otherwise the
+    reference); "native" raises instead of falling back; "torch" never uses it.
     Registers the packing ops' fake kernels the first time the native library is used.
     """
     if backend == "torch":
@@ -40,6 +44,13 @@ def _pack_use_native(op: str, backend: Backend) -> bool:
             raise RuntimeError(f"barber.ops.{op}: backend='native' but the barber._C extension is not available")
         return False
     _register_pack_fakes()
+    if device.type not in _pack_native_devices:
+        if backend == "native":
+            raise RuntimeError(
+                f"barber.ops.{op}: backend='native' but the extension (built for {_native.build_info()}) "
+                f"has no kernel for device {device.type}"
+            )
+        return False
     return True
 
 
@@ -55,7 +66,7 @@ def pack_24(dense: torch.Tensor, backend: Backend = "auto") -> tuple[torch.Tenso
         [rows, cols/32] int32), bit-identical to torch's
         sparse_semi_structured_from_dense_cutlass. Raises on groups with 3 or 4 nonzeros.
     """
-    if _pack_use_native("pack_24", backend):
+    if _pack_use_native("pack_24", backend, dense.device):
         values, meta = torch.ops.barber.pack_24(dense)
         return values, meta
     return reference.pack_24(dense)
@@ -68,7 +79,7 @@ def unpack_24(values: torch.Tensor, meta: torch.Tensor, backend: Backend = "auto
         values: [rows, cols/2] float16, bfloat16 or int8.
         meta: [rows, cols/16] int16 (int8 values: [rows, cols/32] int32) from pack_24.
     """
-    if _pack_use_native("unpack_24", backend):
+    if _pack_use_native("unpack_24", backend, values.device):
         return torch.ops.barber.unpack_24(values, meta)
     return reference.unpack_24(values, meta)
 
@@ -78,14 +89,14 @@ def pack_bitmask(mask: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:
 
     Same bytes as numpy.packbits(mask, axis=-1, bitorder="little"); padding bits are zero.
     """
-    if _pack_use_native("pack_bitmask", backend):
+    if _pack_use_native("pack_bitmask", backend, mask.device):
         return torch.ops.barber.pack_bitmask(mask)
     return reference.pack_bitmask(mask)
 
 
 def unpack_bitmask(bits: torch.Tensor, cols: int, backend: Backend = "auto") -> torch.Tensor:
     """uint8 bits [rows, ceil(cols/8)] -> bool mask [rows, cols]; padding bits are ignored."""
-    if _pack_use_native("unpack_bitmask", backend):
+    if _pack_use_native("unpack_bitmask", backend, bits.device):
         return torch.ops.barber.unpack_bitmask(bits, cols)
     return reference.unpack_bitmask(bits, cols)
 
@@ -96,10 +107,11 @@ def _register_pack_fakes() -> None:
     They need the op schemas, which only the loaded native library defines; the checks
     mirror csrc/pack_checks.h (shapes and dtypes only: values are not visible).
     """
-    global _pack_fakes_registered
+    global _pack_fakes_registered, _pack_native_devices
     if _pack_fakes_registered:
         return
     _pack_fakes_registered = True
+    _pack_native_devices = ("cpu", "meta", "cuda") if "cuda" in _native.build_info() else ("cpu", "meta")
 
     def layout(dtype: torch.dtype) -> tuple[torch.dtype, int]:
         torch._check(dtype in (torch.float16, torch.bfloat16, torch.int8), lambda: f"unsupported dtype {dtype}")
