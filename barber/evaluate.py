@@ -159,7 +159,10 @@ def perplexity(
     for s in range(0, n, batch_size):
         logits = arch.final_logits(hidden[s : s + batch_size], fw)
         targets = windows[s : s + batch_size, 1:].to(device)
-        ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none").mean(dim=1)
+        # Rows of [tokens, vocab], as transformers computes it: on this layout torch's CPU log-softmax is
+        # accurate, while the [B, vocab, T] layout was measured 1e-4 off for a 49k vocabulary.
+        flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+        ce = F.cross_entropy(flat, targets.reshape(-1), reduction="none").view(targets.shape).mean(dim=1)
         losses.append(ce.double().cpu())
     del fw, hidden
     nll = float(torch.cat(losses).mean())
