@@ -43,7 +43,7 @@ ALL_OPS = ["topk_mask", "nm_mask", "rebuild_mask", "pack_24", "unpack_24", "pack
 SPARSITY = 0.5  # fraction pruned by topk_mask (keep half of every row)
 N, M = 2, 4  # N:M pattern of nm_mask and pack_24
 REBUILD_RATIO = 0.01  # LLM-Barber's default mask rebuilding ratio (alpha)
-MIN_REPS = 3  # timed runs per callable at least ...
+MIN_REPS = {"quick": 1, "full": 3}  # timed runs per callable (after the warmup) at least ...
 MAX_REPS = 50  # ... and at most; in between, as many as fit in the time budget
 BUDGET_S = {"quick": 0.1, "full": 1.0}  # timed seconds per callable
 
@@ -89,8 +89,8 @@ class Result:
 class Timer:
     """Median wall-clock time of a callable on one device (CUDA: synchronised)."""
 
-    def __init__(self, device: torch.device, warmup: int, budget_s: float, reps: int | None = None) -> None:
-        self.device, self.warmup, self.budget_s, self.reps = device, warmup, budget_s, reps
+    def __init__(self, device: torch.device, warmup: int, budget_s: float, min_reps: int, reps: int | None = None):
+        self.device, self.warmup, self.budget_s, self.min_reps, self.reps = device, warmup, budget_s, min_reps, reps
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -105,7 +105,7 @@ class Timer:
 
     def __call__(self, fn: Callable[[], object]) -> float:
         first = min(self._once(fn) for _ in range(max(1, self.warmup)))
-        reps = self.reps or min(MAX_REPS, max(MIN_REPS, int(self.budget_s / max(first, 1e-6))))
+        reps = self.reps or min(MAX_REPS, max(self.min_reps, int(self.budget_s / max(first, 1e-6))))
         return statistics.median(self._once(fn) for _ in range(reps))
 
 
@@ -311,7 +311,9 @@ def markdown(results: list[Result]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--quick", action="store_true", help=f"shapes divided by {QUICK_DIVISOR}, fewer runs (<1 min)")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"shapes divided by {QUICK_DIVISOR}, fewer runs (< 1 min on 2 cores)"
+    )
     parser.add_argument("--json", metavar="PATH", help="write all numbers as JSON")
     parser.add_argument("--ops", nargs="+", choices=ALL_OPS, default=ALL_OPS, help="ops to run (default: all)")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
@@ -325,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     shapes = FULL_SHAPES
     if args.quick:
         shapes = [(r // QUICK_DIVISOR, c // QUICK_DIVISOR) for r, c in FULL_SHAPES]
-    timer = Timer(device, warmup=1, budget_s=BUDGET_S["quick" if args.quick else "full"], reps=args.reps)
+    mode = "quick" if args.quick else "full"
+    timer = Timer(device, warmup=1, budget_s=BUDGET_S[mode], min_reps=MIN_REPS[mode], reps=args.reps)
     info = {
         "device": str(torch.cuda.get_device_name(device)) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
