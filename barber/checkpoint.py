@@ -8,7 +8,9 @@ tensor a block or the model needs is then checked against the shape config.json 
 
 Reads are lazy: `tensor(name)` maps the shard file and copies exactly that tensor's bytes out of the
 mapping into fresh memory, then tells the kernel to drop those mapped pages (`madvise(DONTNEED)`), so
-nothing of a finished block stays resident. This module does I/O only; the math is in `barber.model`.
+nothing of a finished block stays resident. Reads are serialised by a per-checkpoint lock, so a
+prefetch thread may read the next block while the caller computes. Returned tensors own their memory
+and may be modified. This module does I/O only; the math is in `barber.model`.
 
 Example::
 
@@ -23,6 +25,7 @@ import logging
 import math
 import mmap
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,6 +157,7 @@ class Checkpoint:
         self.family = family
         self._infos = infos
         self._maps: dict[str, tuple[object, mmap.mmap]] = {}
+        self._lock = threading.RLock()  # a prefetch thread may read the next block while this one computes
         self._block_shapes = family.block_shapes(config)
         self._globals = family.global_tensors(config)
 
@@ -254,9 +258,10 @@ class Checkpoint:
         nbytes = info.end - info.start
         raw = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
-            mm = self._map(info.shard)
-            raw.numpy()[:] = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=info.start)
-            _drop_pages(mm, info.start, info.end)
+            with self._lock:
+                mm = self._map(info.shard)
+                raw.numpy()[:] = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=info.start)
+                _drop_pages(mm, info.start, info.end)
         t = raw.view(info.dtype).reshape(info.shape)
         return t.to(device=device, dtype=dtype or info.dtype)
 
@@ -310,10 +315,11 @@ class Checkpoint:
 
     def release(self) -> None:
         """Unmap all shard files (they are remapped on the next read)."""
-        for f, mm in self._maps.values():
-            mm.close()
-            f.close()  # type: ignore[attr-defined]
-        self._maps.clear()
+        with self._lock:
+            for f, mm in self._maps.values():
+                mm.close()
+                f.close()  # type: ignore[attr-defined]
+            self._maps.clear()
 
     close = release
 

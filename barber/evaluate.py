@@ -137,6 +137,8 @@ def perplexity(
     cfg = ckpt.config
     if seqlen > cfg.max_position_embeddings and ckpt.family.positions == "learned":
         raise DataError(f"seqlen {seqlen} exceeds the model's {cfg.max_position_embeddings} learned positions")
+    if seqlen > cfg.max_position_embeddings:
+        log.warning("seqlen %d is longer than the model's context (%d)", seqlen, cfg.max_position_embeddings)
     if int(windows.max()) >= cfg.vocab_size:
         raise DataError(f"token id {int(windows.max())} is outside the model's vocabulary of {cfg.vocab_size}")
     pos = arch.positions(seqlen, device)

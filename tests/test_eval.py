@@ -115,6 +115,20 @@ def test_bfloat16_eval_runs_close(tmp_path):
     assert abs(r16.nll - r32.nll) / r32.nll < 0.02
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_cuda_matches_cpu(tmp_path, dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    ckpt = Checkpoint.open(make_tiny_checkpoint(tmp_path, "mistral", layers=3))
+    ids = list(TEXT.encode("utf-8"))
+    cpu = perplexity(ckpt, ids, seqlen=40, max_windows=4, progress=False)
+    gpu = perplexity(ckpt, ids, seqlen=40, max_windows=4, device="cuda", dtype=dtype, batch_size=2, progress=False)
+    assert gpu.settings["device"] == "cuda"
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert abs(gpu.nll - cpu.nll) / cpu.nll <= tol, (gpu.nll, cpu.nll)
+
+
 # ---- user errors through eval_main ------------------------------------------------------------
 
 
