@@ -14,6 +14,8 @@ as speed-ups from the same run, and (c) the achieved bytes/s (bytes the op must 
 plus write) against a plain copy of the same number of bytes (dst.copy_(src)).
 Prints a markdown table; --json writes every number. Times are wall-clock medians; on a
 shared machine they are noisy, compare ratios from one run rather than across runs.
+On CPU every op allocates its output, and first-touch page faults of large fresh buffers
+can dominate; THP_MEM_ALLOC_ENABLE=1 lets torch use transparent huge pages (numpy does).
 """
 
 from __future__ import annotations

@@ -7,9 +7,12 @@
 //   Padding bits (columns >= cols in the last byte of a row) are written as zero and
 //   ignored when unpacking.
 // A mask byte counts as true when it is nonzero (torch.bool stores 0 or 1).
+// The row helpers load and store 8 mask bytes as one 64-bit word: little-endian hosts
+// (x86, ARM, and CUDA devices) only.
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #ifndef BARBER_HOST_DEVICE
 // Local fallback; csrc/core/macros.h holds the project-wide definition (same tokens).
@@ -60,8 +63,8 @@ BARBER_HOST_DEVICE inline uint64_t unpack_word64(uint8_t byte) {
 BARBER_HOST_DEVICE inline void pack_row(const uint8_t* mask, int64_t cols, uint8_t* bits) {
   const int64_t full = cols / 8;
   for (int64_t b = 0; b < full; ++b) {
-    uint64_t eight = 0;
-    for (int j = 0; j < 8; ++j) eight |= uint64_t(mask[8 * b + j]) << (8 * j);
+    uint64_t eight;
+    memcpy(&eight, mask + 8 * b, 8);  // one unaligned load; byte j = column j (little-endian)
     bits[b] = pack_word64(eight);
   }
   for (int64_t b = full; b < packed_cols(cols); ++b) {
@@ -75,7 +78,7 @@ BARBER_HOST_DEVICE inline void unpack_row(const uint8_t* bits, int64_t cols, uin
   const int64_t full = cols / 8;
   for (int64_t b = 0; b < full; ++b) {
     const uint64_t eight = unpack_word64(bits[b]);
-    for (int j = 0; j < 8; ++j) mask[8 * b + j] = static_cast<uint8_t>(eight >> (8 * j));
+    memcpy(mask + 8 * b, &eight, 8);  // one unaligned store (little-endian)
   }
   for (int64_t b = full; b < packed_cols(cols); ++b) {
     const int64_t rest = cols - 8 * b;
