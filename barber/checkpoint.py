@@ -179,7 +179,10 @@ class Checkpoint:
         if not any(root.iterdir()):
             raise CheckpointError(f"{root}: empty checkpoint directory")
         raw = read_config_json(root / "config.json")
-        family = family_for(str(raw.get("model_type")))
+        model_type = raw.get("model_type")
+        if not isinstance(model_type, str):
+            raise CheckpointError(f"{root / 'config.json'}: no model_type")
+        family = family_for(model_type)
         try:
             config = ModelConfig.from_dict(raw)
         except CheckpointError as exc:

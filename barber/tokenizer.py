@@ -7,12 +7,9 @@ or one of those files directly. `encode` never adds special tokens: callers deci
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 from barber.errors import CheckpointError
-
-log = logging.getLogger(__name__)
 
 
 class Tokenizer:
