@@ -263,6 +263,8 @@ class Checkpoint:
         if nbytes:
             with self._lock:
                 mm = self._map(info.shard)
+                if info.end > len(mm):
+                    raise CheckpointError(f"{self.path / info.shard}: file shrank since it was opened")
                 raw.numpy()[:] = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=info.start)
                 _drop_pages(mm, info.start, info.end)
         t = raw.view(info.dtype).reshape(info.shape)
@@ -307,7 +309,10 @@ class Checkpoint:
 
     def _map(self, shard: str) -> mmap.mmap:
         if shard not in self._maps:
-            f = open(self.path / shard, "rb")
+            try:
+                f = open(self.path / shard, "rb")
+            except OSError as exc:
+                raise CheckpointError(f"{self.path / shard}: cannot open: {exc.strerror or exc}") from None
             try:
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             except (OSError, ValueError) as exc:

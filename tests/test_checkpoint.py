@@ -235,3 +235,13 @@ def test_save_file_roundtrip_of_every_dtype(tmp_path):
     assert {n: (i.dtype, i.shape) for n, i in infos.items()} == {
         n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()
     }
+
+
+def test_file_shrinking_after_open_is_an_error(tmp_path):
+    root = make_tiny_checkpoint(tmp_path, "llama")
+    ckpt = Checkpoint.open(root)
+    f = root / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="shrank since it was opened"):
+        for i in range(ckpt.num_layers):
+            ckpt.block_weights(i)
