@@ -121,6 +121,19 @@ BARBER_HOST_DEVICE inline int64_t meta_offset(int64_t row, int64_t col, int64_t 
   return (c / 2) * rows * 2 + r * 2 + (c % 2);
 }
 
+// Element i (0..3) of a group. On the GPU a chain of selects, so the group stays in
+// registers (a runtime index would spill it to local memory); on the CPU an indexed load,
+// which is branch-free where the select chain compiles to mispredicted branches.
+template <typename Bits>
+BARBER_HOST_DEVICE inline Bits select4(const Bits* x, int i) {
+#ifdef __CUDA_ARCH__
+  const Bits x0 = x[0], x1 = x[1], x2 = x[2], x3 = x[3];
+  return i == 0 ? x0 : (i == 1 ? x1 : (i == 2 ? x2 : x3));
+#else
+  return x[i];
+#endif
+}
+
 // Packs the word_cols<Bits>() dense elements of one meta word: writes half as many
 // values and the (logical, not yet reordered) meta word. Returns the index (within the
 // word) of the first group with more than 2 nonzeros, or -1 when all groups are 2:4.
@@ -134,10 +147,10 @@ BARBER_HOST_DEVICE inline int pack_word(const Bits* dense, Bits* values, typenam
     const unsigned p = unsigned(E::nonzero(x[0])) | (unsigned(E::nonzero(x[1])) << 1) |
                        (unsigned(E::nonzero(x[2])) << 2) | (unsigned(E::nonzero(x[3])) << 3);
     if (((kTooManyMask >> p) & 1u) && bad < 0) bad = g;  // report it; carry on with the placeholder
-    const unsigned code = static_cast<unsigned>((kCodeTable >> (4 * p)) & 0xfu);
-    values[2 * g] = x[code_first(code)];
-    values[2 * g + 1] = x[code_second(code)];
-    w |= static_cast<typename E::Meta>(code << (4 * g));
+    const int code = static_cast<int>((kCodeTable >> (4 * p)) & 0xfu);
+    values[2 * g] = select4(x, code_first(code));
+    values[2 * g + 1] = select4(x, code_second(code));
+    w |= static_cast<typename E::Meta>(static_cast<unsigned>(code) << (4 * g));
   }
   *word = w;
   return bad;
@@ -152,14 +165,21 @@ BARBER_HOST_DEVICE inline int unpack_word(typename Elem<Bits>::Meta word, const 
   int bad = -1;
   for (int g = 0; g < E::kGroupsPerWord; ++g) {
     const int code = static_cast<int>((word >> (4 * g)) & 0xfu);
+    const int first = code_first(code), second = code_second(code);
+    const bool valid = code_valid(code);
+    if (!valid && bad < 0) bad = g;
     Bits* x = dense + 4 * g;
-    x[0] = x[1] = x[2] = x[3] = 0;
-    if (!code_valid(code)) {
-      if (bad < 0) bad = g;
-      continue;
+#ifdef __CUDA_ARCH__
+    // Selects keep the group in registers (see select4).
+    const Bits v0 = values[2 * g], v1 = values[2 * g + 1];
+    for (int j = 0; j < 4; ++j) x[j] = !valid ? Bits(0) : (j == first ? v0 : (j == second ? v1 : Bits(0)));
+#else
+    x[0] = x[1] = x[2] = x[3] = 0;  // an invalid group stays all zeros
+    if (valid) {
+      x[first] = values[2 * g];
+      x[second] = values[2 * g + 1];
     }
-    x[code_first(code)] = values[2 * g];
-    x[code_second(code)] = values[2 * g + 1];
+#endif
   }
   return bad;
 }
