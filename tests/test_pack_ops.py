@@ -173,7 +173,8 @@ def test_pack_24_rejects_more_than_two_nonzeros(backend: str, device: str) -> No
     dense = random_24(32, 64, torch.float16, seed=3)
     dense[3, 8:12] = torch.tensor([1.0, 2.0, 0.0, 3.0], dtype=torch.float16)
     dense[5, 0:4] = 1.0
-    with pytest.raises(RuntimeError, match=r"barber::pack_24: expected at most 2 nonzeros .* got 3 in row 3, columns 8\.\.11"):
+    too_many = r"barber::pack_24: expected at most 2 nonzeros .* got 3 in row 3, columns 8\.\.11"
+    with pytest.raises(RuntimeError, match=too_many):
         ops.pack_24(dense.to(device), backend=backend)
     int8 = torch.zeros(16, 128, dtype=torch.int8)
     int8[15, 124:128] = 1
@@ -200,7 +201,8 @@ def test_pack_24_rejects_bad_inputs(backend: str, device: str, shape, dtype, mat
 
 def test_unpack_24_rejects_bad_inputs(backend: str, device: str) -> None:
     values, meta = ops.pack_24(random_24(32, 64, torch.float16, seed=5, device=device), backend=backend)
-    with pytest.raises(RuntimeError, match=r"barber::unpack_24: expected meta of dtype .*(Short|int16).* got .*(Int|int32)"):
+    wrong_dtype = r"barber::unpack_24: expected meta of dtype .*(Short|int16).* got .*(Int|int32)"
+    with pytest.raises(RuntimeError, match=wrong_dtype):
         ops.unpack_24(values, meta.int(), backend=backend)
     with pytest.raises(RuntimeError, match=r"barber::unpack_24: expected meta of shape \[32, 4\] .* got \[32, 2\]"):
         ops.unpack_24(values, meta[:, :2], backend=backend)
@@ -210,7 +212,8 @@ def test_unpack_24_rejects_bad_inputs(backend: str, device: str) -> None:
         ops.unpack_24(values.float(), meta, backend=backend)
     corrupt = meta.clone()
     corrupt.view(-1)[0] = 0x0F44  # logical (row 0, word 0): group 2 has code 0xF
-    with pytest.raises(RuntimeError, match=r"barber::unpack_24: expected valid 2:4 metadata codes, .* row 0, columns 8\.\.11"):
+    invalid = r"barber::unpack_24: expected valid 2:4 metadata codes, .* row 0, columns 8\.\.11"
+    with pytest.raises(RuntimeError, match=invalid):
         ops.unpack_24(values, corrupt, backend=backend)
 
 
@@ -266,7 +269,8 @@ def test_bitmask_rejects_bad_inputs(backend: str, device: str) -> None:
     with pytest.raises(RuntimeError, match=r"barber::pack_bitmask: expected a 2-D mask, got 1 dimensions"):
         ops.pack_bitmask(torch.zeros(8, dtype=torch.bool, device=device), backend=backend)
     bits_ = torch.zeros(2, 2, dtype=torch.uint8, device=device)
-    with pytest.raises(RuntimeError, match=r"barber::unpack_bitmask: expected bits.size\(1\) == ceil\(cols/8\) = 3 .* got 2"):
+    mismatch = r"barber::unpack_bitmask: expected bits.size\(1\) == ceil\(cols/8\) = 3 .* got 2"
+    with pytest.raises(RuntimeError, match=mismatch):
         ops.unpack_bitmask(bits_, 17, backend=backend)
     with pytest.raises(RuntimeError, match=r"barber::unpack_bitmask: expected bits of dtype uint8, got .*(Bool|bool)"):
         ops.unpack_bitmask(bits_.bool(), 16, backend=backend)
