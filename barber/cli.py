@@ -1,6 +1,7 @@
 """Command-line entry points. Only this module touches argv, stdout/stderr and logging setup.
 
 - `barber-eval` (`eval_main`): streaming perplexity of a checkpoint on a text file.
+- `barber-stream` (`stream_main`): the pruner.
 
 `run_cli(body, argv)` is the shared wrapper: it parses nothing itself, runs `body(argv)`, and turns a
 `BarberError` into ``error: <one line>`` on stderr plus the error's exit code (never a traceback).
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
 from barber.errors import BarberError, DataError, UsageError
+from barber.prune import Granularity, InitMethod, Metric, Pattern
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -134,3 +136,225 @@ def _eval_body(argv: Sequence[str] | None) -> int:
 def eval_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `barber-eval`; returns the exit status."""
     return run_cli(_eval_body, argv)
+
+
+# ---- barber-stream ------------------------------------------------------------------------------
+
+DEMO_OUT = "runs/smollm2-135m-wanda-barber-50"
+
+
+def _stream_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog="barber-stream",
+        description=(
+            "Prune a Hugging Face checkpoint one transformer block at a time: an initial mask "
+            "(magnitude, Wanda or SparseGPT), then the LLM-Barber block-aware mask rebuild."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    io = p.add_argument_group("input and output")
+    io.add_argument("--ckpt", help="input checkpoint directory (config.json, safetensors, tokenizer); never written")
+    io.add_argument("--out", help="output directory (must not be the input or inside it)")
+    io.add_argument("--overwrite", action="store_true", help="replace a previous barber result in --out")
+    io.add_argument(
+        "--demo",
+        action="store_true",
+        help=f"prune the fetched SmolLM2-135M (50%%, Wanda + rebuild) into {DEMO_OUT} and print perplexity "
+        "before and after on held-out Wikipedia text",
+    )
+    m = p.add_argument_group("pruning")
+    m.add_argument("--sparsity", type=float, default=None, help="fraction pruned per row, in [0, 1) (default 0.5; N:M implies 1-N/M)")
+    m.add_argument("--pattern", default="unstructured", help="unstructured, or N:M such as 2:4 or 4:8 (N kept of every M)")
+    m.add_argument("--init", choices=[e.value for e in InitMethod], default="wanda", help="initial mask")
+    m.add_argument(
+        "--magnitude-scope",
+        choices=["row", "layer"],
+        default="row",
+        help="magnitude ranking per output row, or per matrix as the reference code does",
+    )
+    m.add_argument("--no-rebuild", action="store_true", help="initial mask only, no Barber rebuild")
+    m.add_argument(
+        "--rebuild-ratio",
+        type=float,
+        default=None,
+        help="alpha, fraction of beneficial swaps made (default: wanda and N:M 0.01, magnitude and sparsegpt 0.1)",
+    )
+    m.add_argument(
+        "--granularity",
+        choices=[e.value for e in Granularity],
+        default=None,
+        help="rebuild group (default: wanda and N:M row, magnitude block, sparsegpt layer)",
+    )
+    m.add_argument("--metric", choices=[e.value for e in Metric], default="wg", help="rebuild score: |W|*sqrt(A), |W| or sqrt(A)")
+    m.add_argument(
+        "--retain-reconstruction",
+        action="store_true",
+        help="keep the initial method's updated weights (SparseGPT) instead of resetting to dense values",
+    )
+    c = p.add_argument_group("calibration")
+    c.add_argument(
+        "--calib",
+        default=None,
+        help="text, JSON lines with a 'text' field (.jsonl/.json, optionally .gz), or token ids "
+        "[nsamples, seqlen] in .safetensors/.npy/.pt (default: the fetched Botchan text)",
+    )
+    c.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    c.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
+    c.add_argument("--seed", type=int, default=0, help="seed of the window sampling")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", default="cpu", help="cpu or cuda")
+    r.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of forwards and hidden states (gradients are float32)")
+    r.add_argument("--batch-size", type=int, default=1, help="windows per forward call in the statistics passes")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--eval", default=None, metavar="TEXT", help="measure the perplexity of the result on this text")
+    e.add_argument("--eval-windows", type=int, default=None, help="evaluate at most N windows")
+    e.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window length (default: --seqlen)")
+    e.add_argument("--eval-dense", action="store_true", help="also measure the input's perplexity, for comparison")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    return p
+
+
+def _apply_demo(args: argparse.Namespace) -> None:
+    """The README's first command: SmolLM2-135M, 50% Wanda + Barber, sized for a few minutes on 2 cores."""
+    from barber import assets
+
+    if args.ckpt is None:
+        args.ckpt = str(assets.smollm2_dir())
+    if args.out is None:
+        args.out = DEMO_OUT
+        args.overwrite = True
+    if args.calib is None:
+        args.calib = str(assets.botchan_path())
+    if args.eval is None:
+        args.eval = str(assets.wiki_text_path())
+    args.nsamples, args.seqlen = 32, 256
+    args.eval_seqlen = args.eval_seqlen or 512
+    args.eval_windows = args.eval_windows or 16
+    args.eval_dense = True
+
+
+def _settings(args: argparse.Namespace):
+    """PruneSettings from the parsed options (all validation of values happens here)."""
+    import torch
+
+    from barber.pipeline import PruneSettings, default_rebuild
+
+    try:
+        pattern = Pattern.parse(args.pattern)
+    except ValueError as exc:
+        raise UsageError(f"--pattern: {exc}") from None
+    sparsity = args.sparsity
+    if pattern.structured:
+        implied = 1 - pattern.n / pattern.m
+        if sparsity is not None and abs(sparsity - implied) > 1e-12:
+            raise UsageError(f"--sparsity {sparsity} contradicts --pattern {pattern} (which prunes {implied:g})")
+        sparsity = implied
+    sparsity = 0.5 if sparsity is None else sparsity
+    if not 0 <= sparsity < 1:
+        raise UsageError(f"--sparsity must be in [0, 1), got {sparsity}")
+    init = InitMethod(args.init)
+    ratio, granularity = default_rebuild(init, pattern)
+    if args.rebuild_ratio is not None:
+        ratio = args.rebuild_ratio
+    if not 0 <= ratio <= 1:
+        raise UsageError(f"--rebuild-ratio must be in [0, 1], got {ratio}")
+    if args.granularity is not None:
+        granularity = Granularity(args.granularity)
+    if pattern.structured and granularity is not Granularity.ROW:
+        raise UsageError(f"--pattern {pattern} needs --granularity row, got {granularity.value}")
+    for name in ("nsamples", "seqlen", "batch_size"):
+        if getattr(args, name) < (2 if name == "seqlen" else 1):
+            raise UsageError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
+    device = resolve_device(args.device)
+    return PruneSettings(
+        sparsity=sparsity,
+        pattern=pattern,
+        init=init,
+        rebuild=not args.no_rebuild,
+        ratio=ratio,
+        granularity=granularity,
+        metric=Metric(args.metric),
+        retain_reconstruction=args.retain_reconstruction,
+        magnitude_per_matrix=args.magnitude_scope == "layer",
+        device=str(device),
+        dtype=getattr(torch, args.dtype),
+        batch_size=args.batch_size,
+    )
+
+
+def _check_pattern_fits(ckpt, pattern: Pattern) -> None:
+    if not pattern.structured:
+        return
+    for name, shape in ckpt.family.block_shapes(ckpt.config).items():
+        if name.endswith(".weight") and name.rsplit(".", 1)[0] in ckpt.family.linears and shape[1] % pattern.m:
+            raise UsageError(f"--pattern {pattern}: {name} has {shape[1]} input columns, not divisible by {pattern.m}")
+
+
+def _summary(blocks: int, settings, report: dict, out: Path) -> str:
+    """One line saying what the run did."""
+    method = f"{settings.pattern}, {settings.init.value}"
+    if settings.rebuild:
+        method += f" + rebuild ({settings.granularity.value}, alpha {settings.ratio:g}): {report['swaps']} swaps"
+    else:
+        method += ", no rebuild"
+    return (
+        f"pruned {blocks} blocks to sparsity {report['sparsity']:.4f} ({method}) in {report['seconds']['total']:.1f} s, "
+        f"peak RSS {report['peak_rss'] / 2**30:.2f} GiB -> {out}"
+    )
+
+
+def _stream_body(argv: Sequence[str] | None) -> int:
+    args = _stream_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    if args.demo:
+        _apply_demo(args)
+    if not args.ckpt or not args.out:
+        raise UsageError("barber-stream: --ckpt and --out are required (or --demo)")
+    settings = _settings(args)
+
+    from barber import assets
+    from barber.calib import load_calibration
+    from barber.checkpoint import Checkpoint
+    from barber.evaluate import perplexity
+    from barber.run import REPORT_NAME, check_output_dir, prune_checkpoint
+    from barber.tokenizer import load_tokenizer
+    from barber.writer import write_json_atomic
+
+    ckpt = Checkpoint.open(args.ckpt)
+    out = Path(args.out)
+    check_output_dir(ckpt.path, out, args.overwrite)  # fail before the slow parts
+    _check_pattern_fits(ckpt, settings.pattern)
+    tokenizer = load_tokenizer(ckpt.path)
+    calib = Path(args.calib) if args.calib else assets.botchan_path()
+    ids = load_calibration(
+        calib, tokenizer.encode, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+        vocab_size=ckpt.config.vocab_size,
+    )
+    eval_ids = tokenizer.encode(read_text(args.eval)) if args.eval else None
+    eval_seqlen = args.eval_seqlen or ids.shape[1]
+    progress = not args.no_progress
+
+    def measure(checkpoint):
+        return perplexity(
+            checkpoint, eval_ids, seqlen=eval_seqlen, max_windows=args.eval_windows, device=settings.device,
+            dtype=settings.dtype, progress=progress,
+        )
+
+    dense = measure(ckpt) if eval_ids is not None and args.eval_dense else None
+    if dense is not None:
+        print(f"dense perplexity {dense.ppl:.4f} ({dense.n_windows} windows of {eval_seqlen} tokens of {args.eval})")
+    extra = {"calibration": {"source": str(calib), "seed": args.seed}}
+    report = prune_checkpoint(ckpt, out, settings, ids, overwrite=args.overwrite, progress=progress, extra_report=extra)
+    print(_summary(ckpt.num_layers, settings, report, out))
+    if eval_ids is not None:
+        result = measure(Checkpoint.open(out))
+        report["eval"] = {"pruned": result.to_dict(), "dense": dense.to_dict() if dense else None}
+        write_json_atomic(out / REPORT_NAME, report)
+        print(f"pruned perplexity {result.ppl:.4f} ({result.n_windows} windows of {eval_seqlen} tokens of {args.eval})")
+    return 0
+
+
+def stream_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `barber-stream`; returns the exit status."""
+    return run_cli(_stream_body, argv)
