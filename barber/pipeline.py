@@ -41,6 +41,12 @@ from barber.prune import Granularity, InitMethod, Metric, Pattern
 log = logging.getLogger(__name__)
 
 
+#: Tokens per forward/backward call when the batch size is automatic.
+AUTO_BATCH_TOKENS = 4096
+#: Bound on the per-sample weight gradients held at once in the gradient pass.
+GRAD_CHUNK_BYTES = 256 * 2**20
+
+
 def default_rebuild(init: InitMethod, pattern: Pattern) -> tuple[float, Granularity]:
     """The reference code's rebuild ratio and granularity for an initial method (algorithm.md §1.8)."""
     if pattern.structured:
@@ -69,7 +75,7 @@ class PruneSettings:
     sparsegpt_percdamp: float = 0.01
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
-    batch_size: int = 1
+    batch_size: int = 0  # samples per forward/backward call; 0 = about AUTO_BATCH_TOKENS tokens
 
     def describe(self) -> dict:
         """A JSON-ready description of the settings."""
@@ -103,16 +109,63 @@ class Stats:
     def linear(self, w: dict[str, torch.Tensor]) -> Callable[[str, torch.Tensor], torch.Tensor]:
         """A `linear(name, x)` for `Arch` that records x before applying the dense layer."""
 
+        last: list = [None, None, None]  # (input, its x^2 sum, its X^T X): q/k/v and gate/up share an input
+
         def record(name: str, x: torch.Tensor) -> torch.Tensor:
-            flat = x.detach().reshape(-1, x.shape[-1]).float()
-            sq = (flat * flat).sum(0)
+            if last[0] is not x:
+                flat = x.detach().reshape(-1, x.shape[-1]).float()
+                last[:] = [x, (flat * flat).sum(0), flat.T @ flat if self.hessian else None]
+            _, sq, xtx = last
             self.sq[name] = self.sq[name] + sq if name in self.sq else sq
             if self.hessian:
-                xtx = flat.T @ flat
                 self.xtx[name] = self.xtx[name] + xtx if name in self.xtx else xtx
             return F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
 
         return record
+
+
+def _per_sample_grad_sq(
+    core: Callable,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    weights: dict[str, torch.Tensor],
+    pos: Positions,
+    names: tuple[str, ...],
+    grad_sq: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add sum_n (dL_n/dW)^2 of every linear in `names` to `grad_sq`, for a batch of samples.
+
+    L_n is the mean squared error of sample n's sub-block output at `weights` against its
+    target. One batched forward and backward give each linear's per-sample output gradient
+    delta_n; the per-sample weight gradient is delta_n^T x_n (x_n the linear's input), so
+    no weight gradient summed over samples is ever formed and inputs need no gradient.
+
+    Returns:
+        (the sub-block output at `weights` [B, T, d], detached; the per-sample losses [B]).
+    """
+    leaves = {n: weights[n + ".weight"].detach().requires_grad_(True) for n in names}
+    inputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def linear(name: str, xin: torch.Tensor) -> torch.Tensor:
+        w = leaves.get(name, weights.get(name + ".weight"))
+        y = F.linear(xin, w, weights.get(name + ".bias"))
+        if name in leaves:
+            inputs[name], outputs[name] = xin.detach(), y
+        return y
+
+    y = core(x, weights, pos, linear)
+    losses = ((y - target) ** 2).mean(dim=(1, 2))
+    deltas = torch.autograd.grad(losses.sum(), [outputs[n] for n in names])
+    for n, delta in zip(names, deltas):
+        xin = inputs[n]
+        delta_t = delta.reshape(delta.shape[0], -1, delta.shape[-1]).transpose(1, 2)  # [B, out, T]
+        xin = xin.reshape(xin.shape[0], -1, xin.shape[-1])  # [B, T, in]
+        step = max(1, GRAD_CHUNK_BYTES // (grad_sq[n].numel() * 4))
+        for b in range(0, x.shape[0], step):
+            g = torch.bmm(delta_t[b : b + step], xin[b : b + step])  # per-sample weight gradients
+            grad_sq[n].add_(g.square_().sum(0))
+    return y.detach(), losses.detach()
 
 
 def _chunks(n: int, size: int) -> list[slice]:
@@ -140,6 +193,12 @@ class Pruner:
         self.family = ckpt.family
         self.progress = progress
 
+    def _chunk(self, batch: torch.Tensor) -> int:
+        """Samples per forward call: `batch_size`, or (0 = auto) about `AUTO_BATCH_TOKENS` tokens."""
+        if self.settings.batch_size > 0:
+            return self.settings.batch_size
+        return max(1, AUTO_BATCH_TOKENS // batch.shape[1])
+
     # ---- the loop ----------------------------------------------------------------------------
 
     def start(self, calib_ids: torch.Tensor) -> BlockState:
@@ -147,7 +206,7 @@ class Pruner:
         s = self.settings
         w = self.ckpt.embedding_weights(dtype=s.dtype, device=s.device)
         ids = calib_ids.to(s.device)
-        hidden = torch.cat([self.arch.embed(ids[c], w) for c in _chunks(ids.shape[0], s.batch_size)])
+        hidden = torch.cat([self.arch.embed(ids[c], w) for c in _chunks(ids.shape[0], self._chunk(ids))])
         return BlockState(0, hidden)
 
     def run_block(self, state: BlockState, write: Callable[[int, dict[str, torch.Tensor]], None]) -> BlockState:
@@ -176,7 +235,7 @@ class Pruner:
                     times[k] = times.get(k, 0.0) + v
         else:
             t0 = time.perf_counter()
-            advance_hidden(self.arch, hidden, weights, pos, chunk_size=s.batch_size)
+            advance_hidden(self.arch, hidden, weights, pos, chunk_size=self._chunk(hidden))
             times["forward"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -208,7 +267,7 @@ class Pruner:
         stats = Stats(hessian=s.init is InitMethod.SPARSEGPT)
         linear = stats.linear(dense)
         with torch.no_grad():
-            for c in _chunks(hidden.shape[0], s.batch_size):
+            for c in _chunks(hidden.shape[0], self._chunk(hidden)):
                 self.arch.block_forward(hidden[c], dense, pos, linear)
         stats.samples = hidden.shape[0]
         if s.init is InitMethod.WANDA:
@@ -227,8 +286,8 @@ class Pruner:
     def _subblock(self, kind: str) -> tuple[Callable, Callable, Callable]:
         a = self.arch
         if kind == "attn":
-            return a.attn_input, (lambda x, w, pos: a.attn_core(x, w, pos)), a.attn_residual
-        return a.mlp_input, (lambda x, w, pos: a.mlp_core(x, w)), a.mlp_residual
+            return a.attn_input, (lambda x, w, pos, linear=None: a.attn_core(x, w, pos, linear)), a.attn_residual
+        return a.mlp_input, (lambda x, w, pos, linear=None: a.mlp_core(x, w, linear)), a.mlp_residual
 
     def _rebuild_subblock(
         self,
@@ -251,31 +310,26 @@ class Pruner:
         n_samples = hidden.shape[0]
         times = {}
 
-        # Gradient pass: A = sum_n (dL_n/dW)^2 at the dense weights, float32, one sample at a time.
+        # Gradient pass: A = sum_n (dL_n/dW)^2 at the dense weights, in float32.
         t0 = time.perf_counter()
         own = [k for k in dense if k.rsplit(".", 1)[0] in names]  # the sub-block's weights and biases
-        grad_w = {k: dense[k].detach().float() for k in own}  # detached: no grad flag leaks into `dense`
-        params = {n: grad_w[n + ".weight"].requires_grad_(True) for n in names}
+        dense32 = {k: dense[k].detach().float() for k in own}  # detached: no grad flag leaks into `dense`
         sparse32 = {k: weights[k].float() for k in own}
-        grad_sq = {n: torch.zeros_like(p) for n, p in params.items()}
+        grad_sq = {n: torch.zeros_like(dense32[n + ".weight"]) for n in names}
         dense_out = torch.empty_like(hidden)
         loss_before = 0.0
-        samples = range(n_samples)
-        if self.progress:
-            samples = tqdm(samples, desc=f"  {kind} gradients", leave=False, unit="sample")
-        for j in samples:
+        chunks = _chunks(n_samples, self._chunk(hidden))
+        bar = tqdm(total=n_samples, desc=f"  {kind} gradients", leave=False, unit="sample", disable=not self.progress)
+        for c in chunks:
             with torch.no_grad():
-                x = inp(hidden[j : j + 1], weights).float()
+                x = inp(hidden[c], weights).float()
                 target = core(x, sparse32, pos)
-            y = core(x, grad_w, pos)
-            loss = F.mse_loss(y, target)
-            grads = torch.autograd.grad(loss, list(params.values()))
-            for n, g in zip(params, grads):
-                grad_sq[n].addcmul_(g, g)
-            dense_out[j : j + 1] = y.detach().to(hidden.dtype)
-            loss_before += loss.item()
-            del y, loss, grads
-        del params, grad_w, sparse32
+            y, losses = _per_sample_grad_sq(core, x, target, dense32, pos, names, grad_sq)
+            dense_out[c] = y.to(hidden.dtype)
+            loss_before += float(losses.sum())
+            bar.update(c.stop - c.start)
+        bar.close()
+        del dense32, sparse32
         times["gradient"] = time.perf_counter() - t0
 
         # Rebuild: score every weight, swap within the chosen groups, re-apply the masks.
@@ -296,11 +350,11 @@ class Pruner:
         t0 = time.perf_counter()
         loss_after = 0.0
         with torch.no_grad():
-            for j in range(n_samples):
-                h = hidden[j : j + 1]
+            for c in chunks:
+                h = hidden[c]
                 y = core(inp(h, weights), weights, pos)
-                loss_after += F.mse_loss(y.float(), dense_out[j : j + 1].float()).item()
-                hidden[j : j + 1] = residual(h, y, weights)
+                loss_after += float(((y.float() - dense_out[c].float()) ** 2).mean(dim=(1, 2)).sum())
+                hidden[c] = residual(h, y, weights)
         times["forward"] = time.perf_counter() - t0
         report = {
             "subblock": kind,
