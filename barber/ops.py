@@ -22,7 +22,6 @@ build_info = _native.build_info
 
 # --- packing ops: pack_24, unpack_24, pack_bitmask, unpack_bitmask -----------------
 
-_PACK_OPS = ("pack_24", "unpack_24", "pack_bitmask", "unpack_bitmask")
 _pack_fakes_registered = False
 # Device types with native packing kernels in this build (meta runs the fakes); set on first use.
 _pack_native_devices: tuple[str, ...] = ()
