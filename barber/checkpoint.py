@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import mmap
 import os
 import threading
@@ -43,6 +42,11 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+
+#: `barber-stream` keeps its work (and resume state) in this directory of its output while running,
+#: and writes REPORT_FILE last: a directory with the first and without the second is unfinished.
+WORK_DIR = ".barber-work"
+REPORT_FILE = "barber_report.json"
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -109,6 +113,8 @@ def read_safetensors_header(path: Path, shard: str | None = None) -> dict[str, T
     out: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         if name == "__metadata__":
+            if not (isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())):
+                raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ is not a string map)")
             continue
         out[name] = _tensor_info(path, shard, name, entry, data_start, data_size)
     return out
@@ -129,12 +135,26 @@ def _tensor_info(path: Path, shard: str, name: str, entry: object, data_start: i
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
         raise CheckpointError(f"{bad} has invalid data_offsets)")
     begin, end = offsets
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = _nbytes(shape, torch.empty((), dtype=dtype).element_size(), data_size)
+    if nbytes is None:
+        raise CheckpointError(f"{path}: truncated safetensors file (tensor {name!r} of shape {shape} exceeds the file)")
     if not 0 <= begin <= end or end - begin != nbytes:
         raise CheckpointError(f"{bad}: data_offsets {offsets} do not match shape {shape})")
     if end > data_size:
         raise CheckpointError(f"{path}: truncated safetensors file (tensor {name!r} ends past the end of the file)")
     return TensorInfo(shard, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _nbytes(shape: list[int], itemsize: int, limit: int) -> int | None:
+    """Bytes of a tensor of `shape`, or None when that exceeds `limit` (computed without huge integers)."""
+    if 0 in shape:
+        return 0
+    n = itemsize
+    for s in shape:
+        n *= s
+        if n > limit:
+            return None
+    return n
 
 
 class Checkpoint:
@@ -176,8 +196,17 @@ class Checkpoint:
             raise CheckpointError(f"{root}: no such checkpoint directory")
         if not root.is_dir():
             raise CheckpointError(f"{root}: not a directory")
-        if not any(root.iterdir()):
+        try:
+            empty = not any(root.iterdir())
+        except OSError as exc:
+            raise CheckpointError(f"{root}: cannot list: {exc.strerror or exc}") from None
+        if empty:
             raise CheckpointError(f"{root}: empty checkpoint directory")
+        if (root / WORK_DIR).exists() and not (root / REPORT_FILE).exists():
+            raise CheckpointError(
+                f"{root}: an unfinished barber-stream output, not a checkpoint "
+                "(run the same barber-stream command again to finish it)"
+            )
         raw = read_config_json(root / "config.json")
         model_type = raw.get("model_type")
         if not isinstance(model_type, str):

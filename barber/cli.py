@@ -13,7 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
@@ -143,6 +146,72 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
 DEMO_OUT = "runs/smollm2-135m-wanda-barber-50"
 
 
+STREAM_EPILOG = """\
+interruptions:
+  After every block, the pruned block and the state needed to continue are saved in
+  OUT/.barber-work/. A run that stops for any reason (Ctrl-C, SIGTERM, a crash, a full disk,
+  a power cut) continues from the last finished block when the same command is run again, and
+  writes the same bytes as an uninterrupted run. Ctrl-C or SIGTERM stop after the current block;
+  a second one stops at once. A state saved with another checkpoint, calibration data or
+  settings is refused (--overwrite starts over). OUT is complete only once barber_report.json
+  exists; the shards appear there only when all are written.
+
+exit codes:
+  0    success
+  1    other barber error
+  2    usage: bad options, --out not usable (input, inside it, non-empty, in use), nothing to
+       --resume, or an interrupted run with a different checkpoint/calibration/settings
+  3    input checkpoint missing, incomplete, corrupt or unsupported, or an unreadable tokenizer
+  4    calibration or evaluation data missing, unreadable or too short
+  5    the output cannot be written (no space left, permissions); the run stays resumable
+  130  stopped by SIGINT (Ctrl-C), resumable
+  143  stopped by SIGTERM, resumable
+"""
+
+
+class _StreamHelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Option defaults in the help, and the epilog printed as written."""
+
+
+class GracefulStop:
+    """While active, SIGINT and SIGTERM ask the run to stop after the current block.
+
+    Use as a context manager around the run and pass the instance as `should_stop`: calling it
+    returns the number of the first signal received, or 0. A second signal raises
+    KeyboardInterrupt at once. Handlers are installed only in the main thread, and the previous
+    ones are restored on exit.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, prog: str):
+        self.prog = prog
+        self.signum = 0
+        self._previous: dict[int, object] = {}
+
+    def __call__(self) -> int:
+        return self.signum
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        name = signal.Signals(signum).name
+        # os.write, not print: a handler may run in the middle of another write to stderr
+        os.write(2, f"\n{self.prog}: {name} received, stopping after the current block (again to stop at once)\n".encode())
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
 def _stream_parser() -> ArgumentParser:
     p = ArgumentParser(
         prog="barber-stream",
@@ -150,12 +219,19 @@ def _stream_parser() -> ArgumentParser:
             "Prune a Hugging Face checkpoint one transformer block at a time: an initial mask "
             "(magnitude, Wanda or SparseGPT), then the LLM-Barber block-aware mask rebuild."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=STREAM_EPILOG,
+        formatter_class=_StreamHelpFormatter,
     )
     io = p.add_argument_group("input and output")
     io.add_argument("--ckpt", help="input checkpoint directory (config.json, safetensors, tokenizer); never written")
     io.add_argument("--out", help="output directory (must not be the input or inside it)")
-    io.add_argument("--overwrite", action="store_true", help="replace a previous barber result in --out")
+    io.add_argument("--overwrite", action="store_true", help="replace a previous barber result or interrupted run in --out")
+    io.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run in --out (the default when one exists; with this flag, "
+        "having nothing to resume is an error)",
+    )
     io.add_argument(
         "--demo",
         action="store_true",
@@ -298,8 +374,9 @@ def _summary(blocks: int, settings, report: dict, out: Path) -> str:
         method += f" + rebuild ({settings.granularity.value}, alpha {settings.ratio:g}): {report['swaps']} swaps"
     else:
         method += ", no rebuild"
+    resumed = f" (resumed at block {report['resumed_at_block']})" if report.get("resumed_at_block") else ""
     return (
-        f"pruned {blocks} blocks to sparsity {report['sparsity']:.4f} ({method}) in {report['seconds']['total']:.1f} s, "
+        f"pruned {blocks} blocks{resumed} to sparsity {report['sparsity']:.4f} ({method}) in {report['seconds']['total']:.1f} s, "
         f"peak RSS {report['peak_rss'] / 2**30:.2f} GiB -> {out}"
     )
 
@@ -317,13 +394,13 @@ def _stream_body(argv: Sequence[str] | None) -> int:
     from barber.calib import load_calibration
     from barber.checkpoint import Checkpoint
     from barber.evaluate import perplexity
-    from barber.run import REPORT_NAME, check_output_dir, prune_checkpoint
+    from barber.run import REPORT_NAME, RESUME_HINT, Interrupted, inspect_output, prune_checkpoint
     from barber.tokenizer import load_tokenizer
     from barber.writer import write_json_atomic
 
     ckpt = Checkpoint.open(args.ckpt)
     out = Path(args.out)
-    check_output_dir(ckpt.path, out, args.overwrite)  # fail before the slow parts
+    inspect_output(ckpt.path, out, overwrite=args.overwrite, resume=args.resume)  # fail before the slow parts
     _check_pattern_fits(ckpt, settings.pattern)
     tokenizer = load_tokenizer(ckpt.path)
     calib = Path(args.calib) if args.calib else assets.botchan_path()
@@ -345,7 +422,18 @@ def _stream_body(argv: Sequence[str] | None) -> int:
     if dense is not None:
         print(f"dense perplexity {dense.ppl:.4f} ({dense.n_windows} windows of {eval_seqlen} tokens of {args.eval})")
     extra = {"calibration": {"source": str(calib), "seed": args.seed}}
-    report = prune_checkpoint(ckpt, out, settings, ids, overwrite=args.overwrite, progress=progress, extra_report=extra)
+    with GracefulStop("barber-stream") as stop:
+        try:
+            report = prune_checkpoint(
+                ckpt, out, settings, ids, overwrite=args.overwrite, resume=args.resume, progress=progress,
+                extra_report=extra, should_stop=stop,
+            )
+        except KeyboardInterrupt:
+            signum = stop.signum or signal.SIGINT
+            raise Interrupted(
+                f"stopped at once by {signal.Signals(signum).name}; the blocks finished before are saved: {RESUME_HINT}",
+                signum,
+            ) from None
     print(_summary(ckpt.num_layers, settings, report, out))
     if eval_ids is not None:
         result = measure(Checkpoint.open(out))

@@ -2,8 +2,10 @@
 
 `write_safetensors` writes the header first (every dtype and shape is known in advance),
 then streams each tensor's bytes as it is produced, so a multi-GB shard never has to be
-held in memory (safetensors' own `save_file` needs the whole dict). Files are written
-under a temporary name, fsynced and renamed: a file that exists is complete.
+held in memory (safetensors' own `save_file` needs the whole dict). Tensors are written in
+chunks of at most `CHUNK_BYTES` (a GPU tensor is copied to the host one chunk at a time).
+Files are written under a temporary name (`.NAME.tmp`), fsynced and renamed: a file that
+exists is complete. Every byte goes through `_write_bytes`, so tests can simulate a full disk.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ SAFETENSORS_DTYPES = {
 }
 
 WEIGHT_SUFFIXES = (".safetensors",)
+CHUNK_BYTES = 64 * 1024 * 1024
 INDEX_NAME = "model.safetensors.index.json"
 
 
@@ -78,6 +81,24 @@ def _header(specs: list[TensorSpec], metadata: dict[str, str] | None) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
+def _write_bytes(f, data) -> None:
+    """Write a bytes-like object to an open binary file (the single place file data is written)."""
+    f.write(data)
+
+
+def temporary_path(path: Path) -> Path:
+    """The name a file is written under before it is renamed to `path`."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _write_tensor(f, tensor: torch.Tensor) -> None:
+    """Stream a tensor's raw bytes (C order) to `f`, at most CHUNK_BYTES at a time."""
+    flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    for start in range(0, flat.numel(), CHUNK_BYTES):
+        chunk = flat[start : start + CHUNK_BYTES].to("cpu")
+        _write_bytes(f, memoryview(chunk.numpy()))
+
+
 def write_safetensors(path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None) -> int:
     """Write a safetensors file tensor by tensor (sorted by name); returns the data bytes.
 
@@ -85,10 +106,10 @@ def write_safetensors(path: Path, specs: list[TensorSpec], metadata: dict[str, s
     dtype and shape; it is written and released before the next is produced.
     """
     specs = sorted(specs, key=lambda s: s.name)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as f:
-            f.write(_header(specs, metadata))
+            _write_bytes(f, _header(specs, metadata))
             for spec in specs:
                 tensor = spec.produce()
                 if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
@@ -96,9 +117,8 @@ def write_safetensors(path: Path, specs: list[TensorSpec], metadata: dict[str, s
                         f"{spec.name}: produced {tensor.dtype} {list(tensor.shape)}, "
                         f"announced {spec.dtype} {list(spec.shape)}"
                     )
-                data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-                f.write(memoryview(data.numpy()))
-                del tensor, data
+                _write_tensor(f, tensor)
+                del tensor
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -113,17 +133,39 @@ def write_safetensors(path: Path, specs: list[TensorSpec], metadata: dict[str, s
 
 def write_json_atomic(path: Path, payload: object) -> None:
     """Write JSON to `path` through a temporary file, fsync and rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temporary_path(path)
+    data = (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode()
     try:
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True)
-            f.write("\n")
+        with open(tmp, "wb") as f:
+            _write_bytes(f, data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def copy_file_atomic(src: Path, dst: Path) -> None:
+    """Copy `src` to `dst` (data and permission bits/times) through a temporary name, fsync and rename."""
+    tmp = temporary_path(dst)
+    try:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            while block := fin.read(CHUNK_BYTES):
+                _write_bytes(fout, block)
+            fout.flush()
+            os.fsync(fout.fileno())
+        shutil.copystat(src, tmp)
+        os.replace(tmp, dst)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot copy {src.name} to {dst.parent}: {exc.strerror or exc}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:
@@ -134,10 +176,7 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
             continue
         if item.name.startswith("."):
             continue
-        try:
-            shutil.copy2(item, dst / item.name)
-        except OSError as exc:
-            raise OutputError(f"cannot copy {item.name} to {dst}: {exc.strerror or exc}") from None
+        copy_file_atomic(item, dst / item.name)
         copied.append(item.name)
     return copied
 

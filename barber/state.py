@@ -1,0 +1,286 @@
+"""The resumable state of a pruning run: its fingerprint, and the state file saved after each block.
+
+A run is resumable when `--out/.barber-work/state.safetensors` exists. That file is one safetensors
+file, written through a temporary name, fsynced and renamed over the previous one, so it is always
+either the old state or the new one, never a mix. It holds:
+
+- tensor `hidden`: the calibration hidden states entering block `next_block`, raw (bit-exact), or an
+  empty tensor once every block is done (assembly needs only the reports);
+- tensor `rng_cpu` (and `rng_cuda` when the run is on a GPU): the torch random state;
+- metadata `barber_state`: JSON with the format, `next_block`, the per-block reports so far, and the
+  fingerprint of what the run was started with.
+
+The fingerprint hashes, separately, the checkpoint (config.json bytes, the index, every shard's
+name, size and safetensors header, not the tensor data), the calibration token ids (dtype, shape,
+bytes) and the settings (`PruneSettings.describe()` plus the barber version). A resumed run must
+match all three, and `Fingerprint.differences` says in words which one does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from barber import __version__
+from barber.checkpoint import INDEX_FILE, MAX_HEADER_BYTES, Checkpoint, TensorInfo, read_safetensors_header
+from barber.errors import BarberError, CheckpointError
+from barber.writer import TensorSpec, write_safetensors
+
+log = logging.getLogger(__name__)
+
+STATE_NAME = "state.safetensors"
+STATE_FORMAT = 1
+_META_KEY = "barber_state"
+_CHUNK = 64 * 1024 * 1024  # bytes per read when restoring hidden states
+
+
+class StateError(BarberError):
+    """A saved state cannot be read or is inconsistent (the caller adds what to do about it)."""
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Digests of what decides a run's output: checkpoint, calibration data, settings (+ barber version)."""
+
+    checkpoint: str
+    calibration: str
+    settings: str
+    settings_described: dict
+    version: str = __version__
+
+    def to_dict(self) -> dict:
+        return {
+            "checkpoint": self.checkpoint,
+            "calibration": self.calibration,
+            "settings": self.settings,
+            "settings_described": self.settings_described,
+            "version": self.version,
+        }
+
+    @classmethod
+    def from_dict(cls, d: object) -> "Fingerprint":
+        if not isinstance(d, dict):
+            raise StateError("no fingerprint")
+        try:
+            return cls(
+                str(d["checkpoint"]), str(d["calibration"]), str(d["settings"]),
+                dict(d["settings_described"]), str(d["version"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            raise StateError("malformed fingerprint") from None
+
+    def differences(self, saved: "Fingerprint") -> list[str]:
+        """What differs between this (the new run) and `saved`, in words; empty when they match."""
+        out = []
+        if self.checkpoint != saved.checkpoint:
+            out.append("a different checkpoint (config.json or safetensors headers changed)")
+        if self.calibration != saved.calibration:
+            out.append("different calibration data")
+        if self.version != saved.version:
+            out.append(f"a different barber version ({saved.version} -> {self.version})")
+        if self.settings != saved.settings:
+            keys = sorted(set(self.settings_described) | set(saved.settings_described))
+            changed = [
+                f"{k} {saved.settings_described.get(k)!r} -> {self.settings_described.get(k)!r}"
+                for k in keys
+                if self.settings_described.get(k) != saved.settings_described.get(k)
+            ]
+            out.append("different settings" + (f" ({', '.join(changed)})" if changed else ""))
+        return out
+
+
+def _sha256_json(payload: object) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def raw_header(path: Path) -> bytes:
+    """The 8-byte length and JSON header of a safetensors file, read with a bounded size."""
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            if not 0 <= n <= MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path}: corrupt safetensors header")
+            raw = f.read(n)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(raw) != n:
+        raise CheckpointError(f"{path}: truncated safetensors file")
+    return prefix + raw
+
+
+def checkpoint_digest(ckpt: Checkpoint) -> str:
+    """sha256 of config.json, the index (if any), and every shard's name, size and header."""
+    h = hashlib.sha256()
+
+    def add(label: str, data: bytes) -> None:
+        h.update(label.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
+
+    try:
+        add("config.json", (ckpt.path / "config.json").read_bytes())
+        if (ckpt.path / INDEX_FILE).exists():
+            add(INDEX_FILE, (ckpt.path / INDEX_FILE).read_bytes())
+        for shard in ckpt.shard_files:
+            path = ckpt.path / shard
+            add("shard", shard.encode())
+            add("size", str(path.stat().st_size).encode())
+            add("header", raw_header(path))
+    except OSError as exc:
+        raise CheckpointError(f"{ckpt.path}: cannot read: {exc.strerror or exc}") from None
+    return h.hexdigest()
+
+
+def calibration_digest(ids: torch.Tensor) -> str:
+    """sha256 of the calibration token ids: dtype, shape and bytes."""
+    t = ids.detach().to("cpu").contiguous()
+    h = hashlib.sha256(f"{t.dtype}:{list(t.shape)}\0".encode())
+    h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def fingerprint(ckpt: Checkpoint, calib_ids: torch.Tensor, settings_described: dict) -> Fingerprint:
+    """The fingerprint of a run on `ckpt` with these calibration ids and `PruneSettings.describe()`."""
+    return Fingerprint(
+        checkpoint=checkpoint_digest(ckpt),
+        calibration=calibration_digest(calib_ids),
+        settings=_sha256_json({"settings": settings_described, "version": __version__}),
+        settings_described=settings_described,
+    )
+
+
+@dataclass
+class SavedState:
+    """A state read back from disk: `hidden` is on the requested device, bit-identical to what was saved."""
+
+    next_block: int
+    num_blocks: int
+    blocks: list[dict]
+    hidden: torch.Tensor
+    rng: dict[str, torch.Tensor]
+    fingerprint: Fingerprint
+    extra: dict
+
+
+def save_state(
+    path: Path,
+    *,
+    next_block: int,
+    num_blocks: int,
+    blocks: list[dict],
+    hidden: torch.Tensor | None,
+    fp: Fingerprint,
+    extra: dict | None = None,
+) -> int:
+    """Atomically replace the state file at `path`; returns the bytes of tensor data written.
+
+    `hidden` is streamed to the file in chunks (a GPU tensor is never copied whole to the host);
+    None stores an empty tensor. The torch random state of the CPU (and of the current GPU, if any
+    is initialised) is saved with it.
+    """
+    meta = {
+        "format": STATE_FORMAT,
+        "next_block": next_block,
+        "num_blocks": num_blocks,
+        "blocks": blocks,
+        "fingerprint": fp.to_dict(),
+        "extra": extra or {},
+    }
+    if hidden is None:
+        hidden = torch.empty(0)
+    rng = {"rng_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["rng_cuda"] = torch.cuda.get_rng_state()
+    specs = [TensorSpec("hidden", hidden.dtype, tuple(hidden.shape), lambda: hidden)]
+    specs += [TensorSpec(k, v.dtype, tuple(v.shape), lambda v=v: v) for k, v in rng.items()]
+    return write_safetensors(path, specs, {_META_KEY: json.dumps(meta, sort_keys=True)})
+
+
+def _read_into(path: Path, info: TensorInfo, out: torch.Tensor) -> None:
+    """Copy one tensor's bytes from the file into the contiguous tensor `out` (any device), in chunks."""
+    flat = out.reshape(-1).view(torch.uint8)
+    nbytes = info.end - info.start
+    if flat.numel() != nbytes:
+        raise StateError(f"{path}: tensor size mismatch")
+    direct = flat.device.type == "cpu"
+    staging = None if direct else torch.empty(min(nbytes, _CHUNK), dtype=torch.uint8)
+    with open(path, "rb") as f:
+        f.seek(info.start)
+        done = 0
+        while done < nbytes:
+            size = min(_CHUNK, nbytes - done)
+            target = flat[done : done + size] if direct else staging[:size]
+            got = f.readinto(memoryview(target.numpy()))
+            if not got:
+                raise StateError(f"{path}: truncated")
+            if not direct:
+                flat[done : done + got].copy_(staging[:got])
+            done += got
+
+
+def load_state(path: Path, device: str | torch.device = "cpu") -> SavedState:
+    """Read and validate a state file; `hidden` is placed on `device`.
+
+    Raises:
+        StateError: the file is unreadable, not a state file, of another format, or inconsistent.
+    """
+    try:
+        header = json.loads(raw_header(path)[8:].decode("utf-8"))
+        infos = read_safetensors_header(path)
+    except CheckpointError as exc:
+        raise StateError(str(exc)) from None
+    except (ValueError, RecursionError):
+        raise StateError(f"{path}: corrupt header") from None
+    try:
+        meta = json.loads(header["__metadata__"][_META_KEY])
+        if meta["format"] != STATE_FORMAT:
+            raise StateError(f"{path}: state format {meta['format']}, this barber reads {STATE_FORMAT}")
+        next_block, num_blocks, blocks = int(meta["next_block"]), int(meta["num_blocks"]), list(meta["blocks"])
+        fp = Fingerprint.from_dict(meta["fingerprint"])
+        extra = dict(meta.get("extra") or {})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StateError(f"{path}: not a barber state file ({type(exc).__name__})") from None
+    if not (0 < next_block <= num_blocks and len(blocks) == next_block and "hidden" in infos):
+        raise StateError(f"{path}: inconsistent state (next block {next_block} of {num_blocks})")
+    try:
+        tensors = {}
+        for name, info in infos.items():
+            target_device = device if name == "hidden" else "cpu"
+            tensors[name] = torch.empty(info.shape, dtype=info.dtype, device=target_device)
+            _read_into(path, info, tensors[name])
+    except OSError as exc:
+        raise StateError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    hidden = tensors.pop("hidden")
+    return SavedState(next_block, num_blocks, blocks, hidden, tensors, fp, extra)
+
+
+def restore_rng(rng: dict[str, torch.Tensor]) -> None:
+    """Put back the torch random state saved with a state (the CUDA one only where a GPU is in use)."""
+    if "rng_cpu" in rng:
+        torch.set_rng_state(rng["rng_cpu"])
+    if "rng_cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["rng_cuda"])
+
+
+def remove_state(path: Path) -> None:
+    """Delete a state file (and a leftover temporary one)."""
+    path.unlink(missing_ok=True)
+    path.with_name(f".{path.name}.tmp").unlink(missing_ok=True)
+    log.debug("removed %s", path)
+
+
+__all__ = [
+    "STATE_NAME",
+    "Fingerprint",
+    "SavedState",
+    "StateError",
+    "fingerprint",
+    "load_state",
+    "restore_rng",
+    "save_state",
+    "remove_state",
+]
