@@ -15,16 +15,33 @@ trajectory. For each block, in order:
 At the end the output shards are assembled tensor by tensor with the input's names and
 layout. Only one block's weights (dense and sparse) and `h` are ever in memory.
 
+Memory (`barber.memory`): a `MemoryPlan`, made from the shapes and the budgets when the
+calibration size is known, says where `h` (and the gradient pass's dense outputs, the same
+size) live: on the compute device, in pinned host memory, or in a mapped file of the work
+directory, read and written one micro-batch at a time; how many samples each forward and
+backward call takes (the micro-batch); and whether the next block is read by a background
+thread while this one computes. Placement and prefetch never change a value.
+
+Precision: forwards, weights and `h` use `PruneSettings.dtype` (bfloat16 is the safe
+reduced choice: the float32 range, so no overflow of large residual activations; float16
+can overflow on models with activation outliers). Norms run in float32 whatever the dtype,
+Wanda/SparseGPT statistics are accumulated in float32, and the whole gradient pass (weights,
+activations, per-sample gradients, their squared sum) and every selection score are float32.
+On a GPU, `allow_tf32` lets float32 matmuls (the gradient pass; float32 forwards) use TF32
+tensor cores: about 10 mantissa bits per product instead of 23, so gradients, hence scores
+near a selection threshold, and so a few mask entries, can change. Its effect on the masks
+has not been measured yet (no GPU run); off by default.
+
 Everything that defines a block's work is in `BlockState` (block index, hidden states,
 report so far), so a later resume can restart the loop at any block boundary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,17 +51,24 @@ from tqdm.auto import tqdm
 
 from barber import prune
 from barber.checkpoint import Checkpoint
-from barber.evaluate import advance_hidden
+from barber.memory import (
+    AUTO_BATCH_TOKENS,
+    GRAD_CHUNK_BYTES,
+    BlockPrefetcher,
+    HiddenBuffer,
+    MemoryBudget,
+    MemoryPlan,
+    current_rss,
+    model_shapes,
+    peak_rss,
+    plan_memory,
+)
 from barber.model import Arch, Positions
 from barber.prune import Granularity, InitMethod, Metric, Pattern
 
 log = logging.getLogger(__name__)
 
-
-#: Tokens per forward/backward call when the batch size is automatic.
-AUTO_BATCH_TOKENS = 4096
-#: Bound on the per-sample weight gradients held at once in the gradient pass.
-GRAD_CHUNK_BYTES = 256 * 2**20
+__all__ = ["AUTO_BATCH_TOKENS", "GRAD_CHUNK_BYTES", "BlockState", "PruneSettings", "Pruner", "default_rebuild"]
 
 
 def default_rebuild(init: InitMethod, pattern: Pattern) -> tuple[float, Granularity]:
@@ -75,7 +99,8 @@ class PruneSettings:
     sparsegpt_percdamp: float = 0.01
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
-    batch_size: int = 0  # samples per forward/backward call; 0 = about AUTO_BATCH_TOKENS tokens
+    batch_size: int = 0  # samples per forward/backward call; 0 = about AUTO_BATCH_TOKENS tokens, within budget
+    allow_tf32: bool = False  # let float32 matmuls on a GPU use TF32 (see the module docstring)
 
     def describe(self) -> dict:
         """A JSON-ready description of the settings."""
@@ -132,6 +157,7 @@ def _per_sample_grad_sq(
     pos: Positions,
     names: tuple[str, ...],
     grad_sq: dict[str, torch.Tensor],
+    chunk_bytes: int = GRAD_CHUNK_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Add sum_n (dL_n/dW)^2 of every linear in `names` to `grad_sq`, for a batch of samples.
 
@@ -139,6 +165,7 @@ def _per_sample_grad_sq(
     target. One batched forward and backward give each linear's per-sample output gradient
     delta_n; the per-sample weight gradient is delta_n^T x_n (x_n the linear's input), so
     no weight gradient summed over samples is ever formed and inputs need no gradient.
+    At most `chunk_bytes` of per-sample gradients (at least one sample's) exist at once.
 
     Returns:
         (the sub-block output at `weights` [B, T, d], detached; the per-sample losses [B]).
@@ -161,20 +188,39 @@ def _per_sample_grad_sq(
         xin = inputs[n]
         delta_t = delta.reshape(delta.shape[0], -1, delta.shape[-1]).transpose(1, 2)  # [B, out, T]
         xin = xin.reshape(xin.shape[0], -1, xin.shape[-1])  # [B, T, in]
-        step = max(1, GRAD_CHUNK_BYTES // (grad_sq[n].numel() * 4))
+        step = max(1, chunk_bytes // (grad_sq[n].numel() * 4))
         for b in range(0, x.shape[0], step):
             g = torch.bmm(delta_t[b : b + step], xin[b : b + step])  # per-sample weight gradients
             grad_sq[n].add_(g.square_().sum(0))
     return y.detach(), losses.detach()
 
 
+def _on(tensor: torch.Tensor, device: str) -> bool:
+    """Whether `tensor` lives on `device` ("cuda" matches the current GPU)."""
+    want = torch.device(device)
+    if tensor.device.type != want.type:
+        return False
+    if want.type == "cuda" and want.index is None:
+        return tensor.device.index == torch.cuda.current_device()
+    return want.index is None or tensor.device.index == want.index
+
+
 def _chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _rss_bytes() -> int:
-    """Peak resident set size of this process so far."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+@contextlib.contextmanager
+def _matmul_precision(device: str, allow_tf32: bool) -> Iterator[None]:
+    """TF32 for float32 matmuls and convolutions on a GPU while inside, as asked; restored after."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow_tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 class Pruner:
@@ -184,46 +230,140 @@ class Pruner:
         ckpt: the opened input checkpoint.
         settings: what to prune and how.
         progress: show tqdm bars (over blocks, and over samples in the gradient pass).
+        budget: memory budgets and forced choices (default: automatic, see `barber.memory`).
+        work_dir: where disk-backed hidden states go (default: the system's temporary directory).
     """
 
-    def __init__(self, ckpt: Checkpoint, settings: PruneSettings, progress: bool = True):
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        settings: PruneSettings,
+        progress: bool = True,
+        *,
+        budget: MemoryBudget | None = None,
+        work_dir: Path | None = None,
+    ):
         self.ckpt = ckpt
         self.settings = settings
         self.arch = Arch.from_checkpoint(ckpt)
         self.family = ckpt.family
         self.progress = progress
+        self.budget = budget or MemoryBudget()
+        self.work_dir = work_dir
+        self.plan: MemoryPlan | None = None
+        self._prefetch: BlockPrefetcher | None = None
+        self._hidden: HiddenBuffer | None = None  # the trajectory h
+        self._scratch: HiddenBuffer | None = None  # the gradient pass's dense sub-block outputs
 
-    def _chunk(self, batch: torch.Tensor) -> int:
-        """Samples per forward call: `batch_size`, or (0 = auto) about `AUTO_BATCH_TOKENS` tokens."""
-        if self.settings.batch_size > 0:
-            return self.settings.batch_size
-        return max(1, AUTO_BATCH_TOKENS // batch.shape[1])
+    # ---- memory -------------------------------------------------------------------------------
+
+    def plan_for(self, nsamples: int, seqlen: int) -> MemoryPlan:
+        """Make (once) and return the memory plan for `nsamples` windows of `seqlen` tokens."""
+        if self.plan is None:
+            s = self.settings
+            self.plan = plan_memory(
+                model_shapes(self.ckpt), nsamples=nsamples, seqlen=seqlen, compute_dtype=s.dtype, device=s.device,
+                budget=self.budget, batch_size=s.batch_size, sparsegpt=s.init is InitMethod.SPARSEGPT,
+                base_rss=current_rss(),
+            )
+            self._prefetch = BlockPrefetcher(self.ckpt, enabled=self.plan.prefetch)
+        return self.plan
+
+    def _buffer(self, name: str, shape: tuple[int, ...]) -> HiddenBuffer:
+        """A planned buffer of hidden-state shape in the compute dtype (disk: `work_dir/<name>.bin`)."""
+        s, plan = self.settings, self.plan_for(shape[0], shape[1])
+        path = None
+        if plan.hidden_placement == "disk":
+            import tempfile
+
+            root = self.work_dir if self.work_dir is not None else Path(tempfile.gettempdir())
+            path = root / f"{name}-{id(self):x}.bin"
+        return HiddenBuffer.allocate(shape, s.dtype, plan.hidden_placement, s.device, path)
+
+    def _adopt(self, hidden: torch.Tensor) -> HiddenBuffer:
+        """The planned buffer holding `hidden` (a state from `start`, a previous block or a resume)."""
+        if self._hidden is not None and hidden is self._hidden.tensor:
+            return self._hidden
+        s, plan = self.settings, self.plan_for(hidden.shape[0], hidden.shape[1])
+        if plan.hidden_placement == "device" and _on(hidden, s.device) and hidden.dtype == s.dtype:
+            self._hidden = HiddenBuffer(hidden, "device", torch.device(s.device))
+        else:
+            self._hidden = self._buffer("hidden", tuple(hidden.shape))
+            for c in _chunks(hidden.shape[0], plan.micro_batch):
+                self._hidden.put(c, hidden[c])
+        return self._hidden
+
+    def release(self) -> None:
+        """Stop the prefetch thread and drop the scratch buffer (hidden states stay with the state)."""
+        if self._prefetch is not None:
+            self._prefetch.close()
+        for buf in (self._scratch, self._hidden):
+            if buf is not None:
+                buf.close()  # a disk buffer's file goes; a mapping in use stays valid
+        self._scratch = self._hidden = None
+
+    def memory_report(self) -> dict:
+        """The plan chosen and the peaks reached so far (RSS; GPU max allocated on a GPU run)."""
+        out = {"plan": self.plan.describe() if self.plan else None, "peak_rss": peak_rss()}
+        if torch.device(self.settings.device).type == "cuda":
+            out["peak_gpu_allocated"] = torch.cuda.max_memory_allocated()
+            out["peak_gpu_reserved"] = torch.cuda.max_memory_reserved()
+        return out
 
     # ---- the loop ----------------------------------------------------------------------------
 
     def start(self, calib_ids: torch.Tensor) -> BlockState:
         """Embed the calibration windows [N, T]: the state before block 0."""
         s = self.settings
+        plan = self.plan_for(calib_ids.shape[0], calib_ids.shape[1])
+        self._prefetch.ahead(0)
         w = self.ckpt.embedding_weights(dtype=s.dtype, device=s.device)
-        ids = calib_ids.to(s.device)
-        hidden = torch.cat([self.arch.embed(ids[c], w) for c in _chunks(ids.shape[0], self._chunk(ids))])
-        return BlockState(0, hidden)
+        hidden = self._buffer("hidden", (calib_ids.shape[0], calib_ids.shape[1], self.ckpt.config.hidden_size))
+        for c in _chunks(calib_ids.shape[0], plan.micro_batch):
+            hidden.put(c, self.arch.embed(calib_ids[c].to(s.device), w))
+        self._hidden = hidden
+        return BlockState(0, hidden.tensor)
+
+    def _read_block(self, i: int) -> dict[str, torch.Tensor]:
+        """Block i's tensors in the compute dtype on the device, and start reading block i + 1."""
+        s = self.settings
+        raw = self._prefetch.take(i)
+        dense = {k: v.to(device=s.device, dtype=s.dtype) for k, v in raw.items()}
+        del raw
+        self._prefetch.ahead(i + 1)
+        return dense
 
     def run_block(self, state: BlockState, write: Callable[[int, dict[str, torch.Tensor]], None]) -> BlockState:
         """Prune block `state.next_block`, hand its pruned linears to `write`, return the next state."""
         s = self.settings
         i = state.next_block
+        hidden = self._adopt(state.hidden)
         times: dict[str, float] = {}
         t0 = time.perf_counter()
-        dense = self.ckpt.block_weights(i, dtype=s.dtype, device=s.device)
-        pos = self.arch.positions(state.hidden.shape[1], device=s.device)
+        dense = self._read_block(i)
+        pos = self.arch.positions(hidden.shape[1], device=s.device)
         times["read"] = time.perf_counter() - t0
+        with _matmul_precision(s.device, s.allow_tf32):
+            report = self._prune_block(i, dense, hidden, pos, write, times)
+        if i + 1 >= self.ckpt.num_layers:
+            tensor = hidden.tensor
+            self.release()
+            return BlockState(i + 1, tensor, state.blocks + [report])
+        return BlockState(i + 1, hidden.tensor, state.blocks + [report])
 
-        t0 = time.perf_counter()
-        init_weights, masks = self._initial(dense, state.hidden, pos)
-        times["init"] = time.perf_counter() - t0
+    def _prune_block(
+        self,
+        i: int,
+        dense: dict[str, torch.Tensor],
+        hidden: HiddenBuffer,
+        pos: Positions,
+        write: Callable[[int, dict[str, torch.Tensor]], None],
+        times: dict[str, float],
+    ) -> dict:
+        """Initial masks, rebuild, advance `hidden`, write: block i's report."""
+        s = self.settings
+        init_weights, masks = self._initial(dense, hidden, pos, times)
 
-        hidden = state.hidden
         subblocks = []
         weights = dict(dense)
         weights.update({n + ".weight": prune.apply_mask(init_weights[n], masks[n]) for n in self.family.linears})
@@ -235,7 +375,9 @@ class Pruner:
                     times[k] = times.get(k, 0.0) + v
         else:
             t0 = time.perf_counter()
-            advance_hidden(self.arch, hidden, weights, pos, chunk_size=self._chunk(hidden))
+            with torch.no_grad():
+                for c in _chunks(hidden.shape[0], self.plan.micro_batch):
+                    hidden.put(c, self.arch.block_forward(hidden.get(c), weights, pos))
             times["forward"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -246,32 +388,41 @@ class Pruner:
             n: {"shape": list(masks[n].shape), "kept": int(masks[n].sum()), "sparsity": 1 - masks[n].float().mean().item()}
             for n in self.family.linears
         }
-        report = {"block": i, "layers": layers, "subblocks": subblocks, "seconds": times, "peak_rss": _rss_bytes()}
-        return BlockState(i + 1, hidden, state.blocks + [report])
+        report = {"block": i, "layers": layers, "subblocks": subblocks, "seconds": times, "peak_rss": peak_rss()}
+        if torch.device(s.device).type == "cuda":
+            report["peak_gpu"] = torch.cuda.max_memory_allocated()
+        return report
 
     # ---- initial masks --------------------------------------------------------------------------
 
     def _initial(
-        self, dense: dict[str, torch.Tensor], hidden: torch.Tensor, pos: Positions
+        self, dense: dict[str, torch.Tensor], hidden: HiddenBuffer, pos: Positions, times: dict[str, float]
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Initial masks of every linear (name -> kept mask) and the weights they apply to.
 
         The weights are the dense ones, except for SparseGPT, which updates the kept weights.
+        Records the statistics forward as `times["stats"]` and the selection as `times["select"]`.
         """
         s = self.settings
         names = self.family.linears
         weight = {n: dense[n + ".weight"] for n in names}
+        t0 = time.perf_counter()
         if s.init is InitMethod.MAGNITUDE:
-            return weight, {n: prune.magnitude_mask(weight[n], s.sparsity, s.pattern, s.magnitude_per_matrix) for n in names}
+            masks = {n: prune.magnitude_mask(weight[n], s.sparsity, s.pattern, s.magnitude_per_matrix) for n in names}
+            times["stats"], times["select"] = 0.0, time.perf_counter() - t0
+            return weight, masks
 
         stats = Stats(hessian=s.init is InitMethod.SPARSEGPT)
         linear = stats.linear(dense)
         with torch.no_grad():
-            for c in _chunks(hidden.shape[0], self._chunk(hidden)):
-                self.arch.block_forward(hidden[c], dense, pos, linear)
+            for c in _chunks(hidden.shape[0], self.plan.micro_batch):
+                self.arch.block_forward(hidden.get(c), dense, pos, linear)
         stats.samples = hidden.shape[0]
+        times["stats"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         if s.init is InitMethod.WANDA:
             masks = {n: prune.select(prune.wanda_scores(weight[n], stats.sq[n]), s.sparsity, s.pattern) for n in names}
+            times["select"] = time.perf_counter() - t0
             return weight, masks
         updated, masks = {}, {}
         for n in names:
@@ -279,6 +430,7 @@ class Pruner:
                 weight[n], stats.xtx[n], stats.samples, s.sparsity, s.pattern, s.sparsegpt_blocksize, s.sparsegpt_percdamp
             )
             updated[n], masks[n] = new.to(weight[n].dtype), keep
+        times["select"] = time.perf_counter() - t0
         return updated, masks
 
     # ---- the Barber rebuild ---------------------------------------------------------------------
@@ -297,7 +449,7 @@ class Pruner:
         init_weights: dict[str, torch.Tensor],
         weights: dict[str, torch.Tensor],
         masks: dict[str, torch.Tensor],
-        hidden: torch.Tensor,
+        hidden: HiddenBuffer,
         pos: Positions,
     ) -> tuple[dict, dict[str, float]]:
         """Rebuild the masks of one sub-block in place (`weights`, `masks`) and advance `hidden`.
@@ -316,16 +468,18 @@ class Pruner:
         dense32 = {k: dense[k].detach().float() for k in own}  # detached: no grad flag leaks into `dense`
         sparse32 = {k: weights[k].float() for k in own}
         grad_sq = {n: torch.zeros_like(dense32[n + ".weight"]) for n in names}
-        dense_out = torch.empty_like(hidden)
+        if self._scratch is None or self._scratch.shape != hidden.shape:
+            self._scratch = self._buffer("dense-out", tuple(hidden.shape))
+        dense_out = self._scratch
         loss_before = 0.0
-        chunks = _chunks(n_samples, self._chunk(hidden))
+        chunks = _chunks(n_samples, self.plan.micro_batch)
         bar = tqdm(total=n_samples, desc=f"  {kind} gradients", leave=False, unit="sample", disable=not self.progress)
         for c in chunks:
             with torch.no_grad():
-                x = inp(hidden[c], weights).float()
+                x = inp(hidden.get(c), weights).float()
                 target = core(x, sparse32, pos)
-            y, losses = _per_sample_grad_sq(core, x, target, dense32, pos, names, grad_sq)
-            dense_out[c] = y.to(hidden.dtype)
+            y, losses = _per_sample_grad_sq(core, x, target, dense32, pos, names, grad_sq, self.plan.grad_chunk_bytes)
+            dense_out.put(c, y.to(s.dtype))
             loss_before += float(losses.sum())
             bar.update(c.stop - c.start)
         bar.close()
@@ -351,10 +505,10 @@ class Pruner:
         loss_after = 0.0
         with torch.no_grad():
             for c in chunks:
-                h = hidden[c]
+                h = hidden.get(c)
                 y = core(inp(h, weights), weights, pos)
-                loss_after += float(((y.float() - dense_out[c].float()) ** 2).mean(dim=(1, 2)).sum())
-                hidden[c] = residual(h, y, weights)
+                loss_after += float(((y.float() - dense_out.get(c).float()) ** 2).mean(dim=(1, 2)).sum())
+                hidden.put(c, residual(h, y, weights))
         times["forward"] = time.perf_counter() - t0
         report = {
             "subblock": kind,
