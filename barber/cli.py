@@ -33,6 +33,16 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
+def _size_arg(text: str) -> int:
+    """argparse type of a memory budget such as 6GiB or 500MiB (see `barber.memory.parse_bytes`)."""
+    from barber.memory import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def run_cli(body: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run a CLI body; a BarberError becomes `error: <message>` on stderr and its exit code."""
     try:
@@ -280,7 +290,21 @@ def _stream_parser() -> ArgumentParser:
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="cpu", help="cpu or cuda")
     r.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of forwards and hidden states (gradients are float32)")
-    r.add_argument("--batch-size", type=int, default=1, help="windows per forward call in the statistics passes")
+    r.add_argument(
+        "--batch-size", type=int, default=0,
+        help="windows per forward/backward call; 0 = automatic (about 4096 tokens on a CPU, 8192 on a GPU, "
+        "lowered to fit the memory budget)",
+    )
+    r.add_argument("--max-cpu-memory", type=_size_arg, default=None, metavar="SIZE",
+                   help="peak RSS budget, e.g. 6GiB or 500MiB (default: 80%% of the memory available at start)")
+    r.add_argument("--max-gpu-memory", type=_size_arg, default=None, metavar="SIZE",
+                   help="GPU memory budget, e.g. 6GiB (default: 90%% of the free GPU memory, at most 9 GiB)")
+    r.add_argument("--hidden-states", choices=["auto", "device", "pinned", "disk"], default="auto",
+                   help="where calibration hidden states live: on the compute device, in pinned host memory, or in a "
+                   "file under --out/.barber-work; auto = the first that fits the budgets")
+    r.add_argument("--no-prefetch", action="store_true", help="do not read the next block while this one computes")
+    r.add_argument("--allow-tf32", action="store_true",
+                   help="let float32 matmuls on a GPU use TF32 (faster; gradients, hence a few mask entries, may change)")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval", default=None, metavar="TEXT", help="measure the perplexity of the result on this text")
     e.add_argument("--eval-windows", type=int, default=None, help="evaluate at most N windows")
@@ -340,7 +364,7 @@ def _settings(args: argparse.Namespace):
     if pattern.structured and granularity is not Granularity.ROW:
         raise UsageError(f"--pattern {pattern} needs --granularity row, got {granularity.value}")
     for name in ("nsamples", "seqlen", "batch_size"):
-        if getattr(args, name) < (2 if name == "seqlen" else 1):
+        if getattr(args, name) < {"seqlen": 2, "nsamples": 1, "batch_size": 0}[name]:
             raise UsageError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
     device = resolve_device(args.device)
     return PruneSettings(
@@ -356,6 +380,20 @@ def _settings(args: argparse.Namespace):
         device=str(device),
         dtype=getattr(torch, args.dtype),
         batch_size=args.batch_size,
+        allow_tf32=args.allow_tf32,
+    )
+
+
+def _budget(args: argparse.Namespace):
+    """The MemoryBudget of the parsed options."""
+    from barber.memory import MemoryBudget
+
+    if args.allow_tf32 and not args.device.startswith("cuda"):
+        logging.getLogger("barber.cli").warning("--allow-tf32 has no effect on %s", args.device)
+    if args.max_gpu_memory is not None and not args.device.startswith("cuda"):
+        raise UsageError(f"--max-gpu-memory needs --device cuda (got --device {args.device})")
+    return MemoryBudget(
+        cpu=args.max_cpu_memory, gpu=args.max_gpu_memory, hidden=args.hidden_states, prefetch=not args.no_prefetch
     )
 
 
@@ -394,6 +432,7 @@ def _stream_body(argv: Sequence[str] | None) -> int:
     from barber.calib import load_calibration
     from barber.checkpoint import Checkpoint
     from barber.evaluate import perplexity
+    from barber.pipeline import Pruner
     from barber.run import REPORT_NAME, RESUME_HINT, Interrupted, inspect_output, prune_checkpoint
     from barber.tokenizer import load_tokenizer
     from barber.writer import write_json_atomic
@@ -422,11 +461,13 @@ def _stream_body(argv: Sequence[str] | None) -> int:
     if dense is not None:
         print(f"dense perplexity {dense.ppl:.4f} ({dense.n_windows} windows of {eval_seqlen} tokens of {args.eval})")
     extra = {"calibration": {"source": str(calib), "seed": args.seed}}
+    budget = _budget(args)
+    Pruner(ckpt, settings, progress=False, budget=budget).plan_for(*ids.shape)  # an impossible budget fails here
     with GracefulStop("barber-stream") as stop:
         try:
             report = prune_checkpoint(
                 ckpt, out, settings, ids, overwrite=args.overwrite, resume=args.resume, progress=progress,
-                extra_report=extra, should_stop=stop,
+                extra_report=extra, should_stop=stop, budget=budget,
             )
         except KeyboardInterrupt:
             signum = stop.signum or signal.SIGINT

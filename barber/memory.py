@@ -190,7 +190,7 @@ def _per_sample_activation_bytes(sh: ModelShapes, seqlen: int, compute_bytes: in
     return int(ACTIVATION_SLACK * max(grad, forward))
 
 
-def _block_bytes(sh: ModelShapes, compute_bytes: int, sparsegpt: bool) -> dict[str, int]:
+def _block_bytes(sh: ModelShapes, compute_bytes: int, sparsegpt: bool, micro_batch: int) -> dict[str, int]:
     """Byte estimates of one block on the compute device (resident and per-phase transients)."""
     c = compute_bytes
     numel = {n: o * i for n, (o, i) in sh.linears.items()}
@@ -206,7 +206,7 @@ def _block_bytes(sh: ModelShapes, compute_bytes: int, sparsegpt: bool) -> dict[s
         sub = sum(numel[n] for n in names)
         big = max(numel[n] for n in names)
         copies = 0 if c == 4 else 2 * 4 * sub  # float32 dense and sparse copies
-        chunk = max(GRAD_CHUNK_BYTES, 4 * big) + 4 * big  # per-sample gradients and their sum
+        chunk = min(max(GRAD_CHUNK_BYTES, 4 * big), micro_batch * 4 * big) + 4 * big  # per-sample gradients, their sum
         gradient = max(gradient, copies + 4 * sub + chunk)
         rebuild = max(rebuild, 4 * sub + 4 * sub + sub + 3 * 4 * big)  # A, scores, new masks, scratch
     return {"block_resident": resident, "select": select, "gradient_pass": gradient, "rebuild": rebuild}
@@ -280,15 +280,15 @@ def plan_memory(
         )
 
     per_sample = _per_sample_activation_bytes(sh, seqlen, c)
-    block = _block_bytes(sh, c, sparsegpt)
     hidden_one = nsamples * seqlen * sh.hidden * c
     hidden_all = 2 * hidden_one  # the trajectory and the gradient pass's dense outputs
     embed = sh.embed_numel * c
     wanted = batch_size if batch_size > 0 else max(1, AUTO_BATCH_TOKENS.get(kind, 4096) // seqlen)
     wanted = min(wanted, nsamples)
-    work = block["block_resident"] + max(block["select"], block["gradient_pass"], block["rebuild"])
 
     def estimate(placement: str, prefetch: bool, mb: int) -> dict[str, int]:
+        block = _block_bytes(sh, c, sparsegpt, mb)
+        work = block["block_resident"] + max(block["select"], block["gradient_pass"], block["rebuild"])
         staging = 2 * mb * seqlen * sh.hidden * c  # one micro-batch read from / written to a buffer
         prefetch_bytes = sh.block_stored_bytes if prefetch else 0
         device_hidden = hidden_all if placement == "device" else staging
