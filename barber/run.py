@@ -144,6 +144,8 @@ def inspect_output(ckpt_dir: Path, out_dir: Path, *, overwrite: bool = False, re
                 "(run without --resume to start over)"
             )
         return "restart"
+    if resume:
+        raise UsageError(f"--resume: {out_dir} holds no interrupted run (it is not a barber output)")
     if overwrite:
         raise UsageError(f"--out {out_dir} is not empty and holds no barber result; refusing to overwrite it")
     raise UsageError(
@@ -221,8 +223,8 @@ class BlockStore:
             name = self.ckpt.block_tensor_name(i, local + ".weight")
             stored = tensor.detach().to("cpu", self.ckpt.info(name).dtype).contiguous()
 
-            def produce(t=stored, first=k == 0) -> torch.Tensor:
-                if not first:
+            def produce(t=stored, second=k == 1) -> torch.Tensor:
+                if second:
                     _test_hook(f"block-write:{i}")  # the file is half written here
                 return t
 
