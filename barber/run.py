@@ -51,6 +51,7 @@ from barber.state import (
     SavedState,
     StateError,
     fingerprint,
+    load_hidden,
     load_state,
     restore_rng,
     save_state,
@@ -333,10 +334,10 @@ def publish(stage: Path, out_dir: Path) -> list[str]:
 # ---- the run ---------------------------------------------------------------------------------------------
 
 
-def _resume_state(work: Path, fp: Fingerprint, out_dir: Path, device: str) -> SavedState:
+def _resume_state(work: Path, fp: Fingerprint, out_dir: Path) -> SavedState:
     """The saved state of an interrupted run in `work`, if it matches `fp`; otherwise a UsageError."""
     try:
-        saved = load_state(work / STATE_NAME, device)
+        saved = load_state(work / STATE_NAME)
     except StateError as exc:
         raise UsageError(
             f"cannot resume the run in {out_dir}: its saved state is damaged ({exc}); "
@@ -386,12 +387,14 @@ def prune_checkpoint(
         plan = inspect_output(ckpt.path, out_dir, overwrite=overwrite, resume=resume)
         fp = fingerprint(ckpt, calib_ids, settings.describe())
         work = out_dir / WORK_DIR
-        saved = _resume_state(work, fp, out_dir, settings.device) if plan == "resume" else None
+        saved = _resume_state(work, fp, out_dir) if plan == "resume" else None
         if plan == "restart":
             log.info("clearing %s", out_dir)
             _clear_dir(out_dir)
         _make_dir(work)
         _remove_temporaries(work)
+        for scratch in work.glob("*.bin"):  # disk-backed hidden states of a killed process
+            scratch.unlink()
         try:
             result = _run(ckpt, out_dir, work, settings, calib_ids, fp, saved, progress, should_stop, budget)
             report = build_report(ckpt, settings, result.blocks, calib_ids, dict(extra_report or {}))
@@ -426,6 +429,49 @@ class RunResult:
     memory: dict | None = None  # Pruner.memory_report(): the memory plan and the peaks reached
 
 
+def _block_loop(
+    pruner: Pruner,
+    ckpt: Checkpoint,
+    work: Path,
+    calib_ids: torch.Tensor,
+    fp: Fingerprint,
+    saved: SavedState | None,
+    progress: bool,
+    should_stop: StopCheck | None,
+) -> tuple[BlockState, float]:
+    """Prune every block not done yet, committing the state after each; returns the final state and embed time."""
+    n = ckpt.num_layers
+    store = BlockStore(work, ckpt)
+    if saved is not None:
+        log.info("resuming the run in %s at block %d of %d", work.parent, saved.next_block, n)
+        store.adopt(range(saved.next_block), require=saved.next_block < n)
+        restore_rng(saved.rng)
+        on_device = pruner.plan_for(*calib_ids.shape).hidden_placement == "device"
+        hidden = load_hidden(saved, pruner.settings.device if on_device else None)
+        state = BlockState(saved.next_block, hidden, saved.blocks)
+        embed_seconds = float(saved.extra.get("embed_seconds", 0.0))
+    else:
+        t0 = time.perf_counter()
+        state = pruner.start(calib_ids)
+        embed_seconds = time.perf_counter() - t0
+
+    bar = tqdm(total=n, initial=state.next_block, desc="pruning", unit="block", disable=not progress)
+    while state.next_block < n:
+        state = pruner.run_block(state, store.write)
+        last = state.next_block == n
+        save_state(
+            work / STATE_NAME, next_block=state.next_block, num_blocks=n, blocks=state.blocks,
+            hidden=None if last else state.hidden, fp=fp, extra={"embed_seconds": embed_seconds},
+        )
+        _test_hook(f"state:{state.next_block}")
+        bar.update(1)
+        if not last:
+            _check_stop(should_stop, f"after block {state.next_block - 1} of {n}")
+    bar.close()
+    state.hidden = None
+    return state, embed_seconds
+
+
 def _run(
     ckpt: Checkpoint,
     out_dir: Path,
@@ -443,34 +489,13 @@ def _run(
     if settings.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     pruner = Pruner(ckpt, settings, progress=progress, budget=budget, work_dir=work)
+    try:
+        state, embed_seconds = _block_loop(pruner, ckpt, work, calib_ids, fp, saved, progress, should_stop)
+    finally:
+        pruner.release()  # stop the prefetch thread, remove disk-backed hidden states
+    resumed_at = saved.next_block if saved is not None else 0
     store = BlockStore(work, ckpt)
-    state_path = work / STATE_NAME
-    if saved is not None:
-        log.info("resuming the run in %s at block %d of %d", out_dir, saved.next_block, n)
-        store.adopt(range(saved.next_block), require=saved.next_block < n)
-        restore_rng(saved.rng)
-        state = BlockState(saved.next_block, saved.hidden, saved.blocks)
-        embed_seconds = float(saved.extra.get("embed_seconds", 0.0))
-    else:
-        t0 = time.perf_counter()
-        state: BlockState = pruner.start(calib_ids)
-        embed_seconds = time.perf_counter() - t0
-    resumed_at = state.next_block
-
-    bar = tqdm(total=n, initial=state.next_block, desc="pruning", unit="block", disable=not progress)
-    while state.next_block < n:
-        state = pruner.run_block(state, store.write)
-        last = state.next_block == n
-        save_state(
-            state_path, next_block=state.next_block, num_blocks=n, blocks=state.blocks,
-            hidden=None if last else state.hidden, fp=fp, extra={"embed_seconds": embed_seconds},
-        )
-        _test_hook(f"state:{state.next_block}")
-        bar.update(1)
-        if not last:
-            _check_stop(should_stop, f"after block {state.next_block - 1} of {n}")
-    bar.close()
-    del state.hidden
+    store.adopt(range(n), require=False)
 
     layer_info = {}
     for block in state.blocks:

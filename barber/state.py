@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,15 +156,17 @@ def fingerprint(ckpt: Checkpoint, calib_ids: torch.Tensor, settings_described: d
 
 @dataclass
 class SavedState:
-    """A state read back from disk: `hidden` is on the requested device, bit-identical to what was saved."""
+    """A state read back from disk (`load_state`); `hidden` is None until `load_hidden` fills it."""
 
+    path: Path
     next_block: int
     num_blocks: int
     blocks: list[dict]
-    hidden: torch.Tensor
-    rng: dict[str, torch.Tensor]
     fingerprint: Fingerprint
     extra: dict
+    infos: dict[str, TensorInfo]
+    rng: dict[str, torch.Tensor]
+    hidden: torch.Tensor | None = None
 
 
 def save_state(
@@ -222,8 +225,8 @@ def _read_into(path: Path, info: TensorInfo, out: torch.Tensor) -> None:
             done += got
 
 
-def load_state(path: Path, device: str | torch.device = "cpu") -> SavedState:
-    """Read and validate a state file; `hidden` is placed on `device`.
+def load_state(path: Path) -> SavedState:
+    """Read and validate a state file: everything but the hidden states (see `load_hidden`).
 
     Raises:
         StateError: the file is unreadable, not a state file, of another format, or inconsistent.
@@ -246,16 +249,43 @@ def load_state(path: Path, device: str | torch.device = "cpu") -> SavedState:
         raise StateError(f"{path}: not a barber state file ({type(exc).__name__})") from None
     if not (0 < next_block <= num_blocks and len(blocks) == next_block and "hidden" in infos):
         raise StateError(f"{path}: inconsistent state (next block {next_block} of {num_blocks})")
+    rng = {}
+    for name in ("rng_cpu", "rng_cuda"):
+        if name in infos:
+            rng[name] = torch.empty(infos[name].shape, dtype=infos[name].dtype)
+            _read(path, infos[name], rng[name])
+    return SavedState(path, next_block, num_blocks, blocks, fp, extra, infos, rng)
+
+
+def load_hidden(saved: SavedState, device: str | torch.device | None) -> torch.Tensor:
+    """The saved hidden states, bit-exact: read onto `device`, or (None) a copy-on-write file mapping.
+
+    The mapping reads nothing up front: pages come in as the pruner copies the states into
+    its own buffer, and are clean file pages the kernel can drop again.
+    """
+    info = saved.infos["hidden"]
+    if device is None:
+        if info.end == info.start:
+            return torch.empty(info.shape, dtype=info.dtype)
+        try:
+            with open(saved.path, "rb") as f:
+                mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError) as exc:
+            raise StateError(f"{saved.path}: cannot map: {exc}") from None
+        if len(mapping) < info.end:
+            raise StateError(f"{saved.path}: truncated")
+        flat = torch.frombuffer(mapping, dtype=torch.uint8, count=info.end - info.start, offset=info.start)
+        return flat.view(info.dtype).view(info.shape)
+    hidden = torch.empty(info.shape, dtype=info.dtype, device=device)
+    _read(saved.path, info, hidden)
+    return hidden
+
+
+def _read(path: Path, info: TensorInfo, out: torch.Tensor) -> None:
     try:
-        tensors = {}
-        for name, info in infos.items():
-            target_device = device if name == "hidden" else "cpu"
-            tensors[name] = torch.empty(info.shape, dtype=info.dtype, device=target_device)
-            _read_into(path, info, tensors[name])
+        _read_into(path, info, out)
     except OSError as exc:
         raise StateError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    hidden = tensors.pop("hidden")
-    return SavedState(next_block, num_blocks, blocks, hidden, tensors, fp, extra)
 
 
 def restore_rng(rng: dict[str, torch.Tensor]) -> None:
@@ -279,6 +309,7 @@ __all__ = [
     "SavedState",
     "StateError",
     "fingerprint",
+    "load_hidden",
     "load_state",
     "restore_rng",
     "save_state",

@@ -266,3 +266,18 @@ def test_a_locked_output_is_refused(inputs, capsys, tmp_path):
         os.close(fd)
     assert rc == 2 and "in use by another barber-stream run" in err
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("first, second", [("disk", "auto"), ("auto", "disk")])
+def test_resume_across_hidden_state_placements(inputs, reference, capsys, monkeypatch, tmp_path, first, second):
+    """Where the hidden states live (memory or a file in the work directory) changes no byte of the output."""
+    out = tmp_path / "out"
+    monkeypatch.setenv(KILL_ENV, "state:2/SIGINT")
+    rc, _, err = run_inprocess(capsys, argv(inputs, out, "--hidden-states", first))
+    assert rc == 130, err
+    assert not list((out / WORK_DIR).glob("*.bin")), "disk-backed hidden states are removed on a stop"
+    monkeypatch.delenv(KILL_ENV)
+    rc, stdout, err = run_inprocess(capsys, argv(inputs, out, "--hidden-states", second))
+    assert rc == 0, err
+    assert "(resumed at block 2)" in stdout
+    assert digests(out) == reference
