@@ -255,8 +255,10 @@ class BlockStore:
 # ---- assembly ---------------------------------------------------------------------------------------------
 
 
-def _check_stop(should_stop: StopCheck | None, where: str) -> None:
-    signum = should_stop() if should_stop else None
+def _check_stop(should_stop: StopCheck | None, where: str, signum: int | None = None) -> None:
+    """Raise `Interrupted` if `signum` (default: polled from `should_stop`) asks to stop."""
+    if signum is None:
+        signum = should_stop() if should_stop else None
     if signum:
         name = signal.Signals(signum).name
         raise Interrupted(f"stopped by {name} {where}; the progress is saved: {RESUME_HINT}", signum)
@@ -364,6 +366,7 @@ def prune_checkpoint(
     extra_report: dict | None = None,
     should_stop: StopCheck | None = None,
     budget: MemoryBudget | None = None,
+    state_interval: float = 0.0,
 ) -> dict:
     """Prune `ckpt` into `out_dir`, block by block, and return the report (also written there).
 
@@ -371,8 +374,10 @@ def prune_checkpoint(
 
     An interrupted run in `out_dir` is resumed when its fingerprint matches (`resume` only makes
     that explicit: it is an error when there is nothing to resume); `overwrite` discards it.
-    `should_stop` is polled after every block (and output shard): a signal number stops the run
-    with `Interrupted`, leaving a resumable state.
+    The resume state is committed after every block, or, with `state_interval` > 0, after a block
+    when that many seconds have passed since the last commit (a resume then redoes at most that
+    much work; the output is the same). `should_stop` is polled after every block (and output
+    shard): a signal number commits the state and stops the run with `Interrupted`.
 
     Raises:
         UsageError: see `inspect_output`; a fingerprint mismatch or a damaged state.
@@ -396,10 +401,13 @@ def prune_checkpoint(
         for scratch in work.glob("*.bin"):  # disk-backed hidden states of a killed process
             scratch.unlink()
         try:
-            result = _run(ckpt, out_dir, work, settings, calib_ids, fp, saved, progress, should_stop, budget)
+            result = _run(
+                ckpt, out_dir, work, settings, calib_ids, fp, saved, progress, should_stop, budget, state_interval
+            )
             report = build_report(ckpt, settings, result.blocks, calib_ids, dict(extra_report or {}))
             report["seconds"]["embed"] = result.embed_seconds
             report["seconds"]["assemble"] = result.assemble_seconds
+            report["seconds"]["save_state"] = result.save_state_seconds
             report["seconds"]["total"] = time.perf_counter() - started
             report["output_bytes"] = result.output_bytes
             report["memory"] = result.memory
@@ -427,6 +435,7 @@ class RunResult:
     assemble_seconds: float
     resumed_at: int  # first block computed by this process (0: not resumed)
     memory: dict | None = None  # Pruner.memory_report(): the memory plan and the peaks reached
+    save_state_seconds: float = 0.0  # writing resume states
 
 
 def _block_loop(
@@ -438,8 +447,13 @@ def _block_loop(
     saved: SavedState | None,
     progress: bool,
     should_stop: StopCheck | None,
-) -> tuple[BlockState, float]:
-    """Prune every block not done yet, committing the state after each; returns the final state and embed time."""
+    state_interval: float,
+) -> tuple[BlockState, float, float]:
+    """Prune every block not done yet; returns the final state, the embedding and the state-saving seconds.
+
+    The state is committed after a block when `state_interval` seconds have passed since the last
+    commit (0: after every block), always after the last block and before stopping on a signal.
+    """
     n = ckpt.num_layers
     store = BlockStore(work, ckpt)
     if saved is not None:
@@ -456,20 +470,37 @@ def _block_loop(
         embed_seconds = time.perf_counter() - t0
 
     bar = tqdm(total=n, initial=state.next_block, desc="pruning", unit="block", disable=not progress)
-    while state.next_block < n:
-        state = pruner.run_block(state, store.write)
+    saved_at, save_seconds = time.monotonic(), 0.0
+
+    def commit(state: BlockState) -> None:
+        nonlocal saved_at, save_seconds
+        t0 = time.perf_counter()
         last = state.next_block == n
         save_state(
             work / STATE_NAME, next_block=state.next_block, num_blocks=n, blocks=state.blocks,
             hidden=None if last else state.hidden, fp=fp, extra={"embed_seconds": embed_seconds},
         )
+        save_seconds += time.perf_counter() - t0
+        saved_at = time.monotonic()
         _test_hook(f"state:{state.next_block}")
+
+    def stop_requested() -> int | None:
+        return should_stop() if should_stop else None
+
+    while state.next_block < n:
+        state = pruner.run_block(state, store.write)
+        committed = state.next_block == n or stop_requested() or time.monotonic() - saved_at >= state_interval
+        if committed:
+            commit(state)
         bar.update(1)
-        if not last:
-            _check_stop(should_stop, f"after block {state.next_block - 1} of {n}")
+        signum = stop_requested()  # polled again: a signal may have come while the state was written
+        if signum and state.next_block < n:
+            if not committed:
+                commit(state)
+            _check_stop(should_stop, f"after block {state.next_block - 1} of {n}", signum)
     bar.close()
     state.hidden = None
-    return state, embed_seconds
+    return state, embed_seconds, save_seconds
 
 
 def _run(
@@ -483,6 +514,7 @@ def _run(
     progress: bool,
     should_stop: StopCheck | None,
     budget: MemoryBudget | None = None,
+    state_interval: float = 0.0,
 ) -> RunResult:
     """The block loop (from `saved` or from the embeddings), assembly and publication; returns report parts."""
     n = ckpt.num_layers
@@ -490,7 +522,9 @@ def _run(
         torch.cuda.reset_peak_memory_stats()
     pruner = Pruner(ckpt, settings, progress=progress, budget=budget, work_dir=work)
     try:
-        state, embed_seconds = _block_loop(pruner, ckpt, work, calib_ids, fp, saved, progress, should_stop)
+        state, embed_seconds, save_seconds = _block_loop(
+            pruner, ckpt, work, calib_ids, fp, saved, progress, should_stop, state_interval
+        )
     finally:
         pruner.release()  # stop the prefetch thread, remove disk-backed hidden states
     resumed_at = saved.next_block if saved is not None else 0
@@ -512,7 +546,8 @@ def _run(
     total_bytes = assemble(ckpt, store, stage, layer_info, done_dir=out_dir, should_stop=should_stop, progress=progress)
     publish(stage, out_dir)
     return RunResult(
-        state.blocks, total_bytes, embed_seconds, time.perf_counter() - t0, resumed_at, pruner.memory_report()
+        state.blocks, total_bytes, embed_seconds, time.perf_counter() - t0, resumed_at, pruner.memory_report(),
+        save_seconds,
     )
 
 

@@ -205,6 +205,7 @@ OPTION_CASES = [
     (["--pattern", "2:4", "--sparsity", "0.6"], 2, "--sparsity 0.6 contradicts --pattern 2:4"),
     (["--rebuild-ratio", "2"], 2, "--rebuild-ratio must be in [0, 1]"),
     (["--nsamples", "0"], 2, "--nsamples is too small: 0"),
+    (["--state-interval", "-1"], 2, "--state-interval must be >= 0 seconds, got -1.0"),
     (["--init", "random"], 2, "argument --init: invalid choice: 'random'"),
     (["--calib", "{short}", "--seqlen", "64"], 4, "calibration text too short: need a document of more than 64 tokens"),
     (["--calib", "{missing}"], 4, "calibration file not found"),

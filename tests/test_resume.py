@@ -281,3 +281,35 @@ def test_resume_across_hidden_state_placements(inputs, reference, capsys, monkey
     assert rc == 0, err
     assert "(resumed at block 2)" in stdout
     assert digests(out) == reference
+
+
+def test_state_interval_saves_less_often_and_still_resumes(inputs, reference, capsys, monkeypatch, tmp_path):
+    """--state-interval: no state between blocks within the interval, always one after the last block."""
+    import errno
+
+    import barber.writer
+
+    real = barber.writer._write_bytes
+    fail_in = {"name": ".block-00002"}
+
+    def full_disk(f, data):
+        if fail_in["name"] in os.path.basename(f.name):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(f, data)
+
+    monkeypatch.setattr(barber.writer, "_write_bytes", full_disk)
+    out = tmp_path / "out"
+    args = argv(inputs, out, "--state-interval", "1e9")
+    rc, _, err = run_inprocess(capsys, args)
+    assert rc == 5 and "No space left on device" in err
+    assert (out / WORK_DIR / "block-00001.safetensors").exists()
+    assert not (out / WORK_DIR / STATE_NAME).exists(), "within the interval, no state is written"
+    fail_in["name"] = ".model-00002"  # now fail while writing the output
+    rc, _, err = run_inprocess(capsys, args)
+    assert rc == 5
+    assert load_state(out / WORK_DIR / STATE_NAME).next_block == BLOCKS, "the last block's state is always saved"
+    monkeypatch.undo()
+    rc, stdout, err = run_inprocess(capsys, args)
+    assert rc == 0, err
+    assert f"(resumed at block {BLOCKS})" in stdout
+    assert digests(out) == reference
