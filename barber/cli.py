@@ -158,8 +158,8 @@ DEMO_OUT = "runs/smollm2-135m-wanda-barber-50"
 
 STREAM_EPILOG = """\
 interruptions:
-  After every block, the pruned block and the state needed to continue are saved in
-  OUT/.barber-work/. A run that stops for any reason (Ctrl-C, SIGTERM, a crash, a full disk,
+  After every block (or every --state-interval seconds), the pruned block and the state needed
+  to continue are saved in OUT/.barber-work/. A run that stops for any reason (Ctrl-C, SIGTERM, a crash, a full disk,
   a power cut) continues from the last finished block when the same command is run again, and
   writes the same bytes as an uninterrupted run. Ctrl-C or SIGTERM stop after the current block;
   a second one stops at once. A state saved with another checkpoint, calibration data or
@@ -208,7 +208,8 @@ class GracefulStop:
         self.signum = signum
         name = signal.Signals(signum).name
         # os.write, not print: a handler may run in the middle of another write to stderr
-        os.write(2, f"\n{self.prog}: {name} received, stopping after the current block (again to stop at once)\n".encode())
+        message = f"\n{self.prog}: {name} received, stopping after the current block (again to stop at once)\n"
+        os.write(2, message.encode())
 
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():
@@ -331,7 +332,8 @@ def _apply_demo(args: argparse.Namespace) -> None:
         args.ckpt = str(assets.smollm2_dir())
     if args.out is None:
         args.out = DEMO_OUT
-        args.overwrite = True
+        # replace an earlier demo result, but let an interrupted demo resume
+        args.overwrite = not args.resume and not (Path(DEMO_OUT) / ".barber-work" / "state.safetensors").exists()
     if args.calib is None:
         args.calib = str(assets.botchan_path())
     if args.eval is None:
@@ -482,7 +484,8 @@ def _stream_body(argv: Sequence[str] | None) -> int:
         except KeyboardInterrupt:
             signum = stop.signum or signal.SIGINT
             raise Interrupted(
-                f"stopped at once by {signal.Signals(signum).name}; the blocks finished before are saved: {RESUME_HINT}",
+                f"stopped at once by {signal.Signals(signum).name}; the blocks finished before are saved: "
+                f"{RESUME_HINT}",
                 signum,
             ) from None
     print(_summary(ckpt.num_layers, settings, report, out))

@@ -14,12 +14,13 @@ While running, everything lives in `--out/.barber-work/` (`WORK_DIR`):
 A run killed at any moment (SIGKILL included) is continued by the same command, from the last
 finished block, and gives byte-identical files: every file is written under a temporary name,
 fsynced and renamed, so a file that exists is complete; the block loop is deterministic given the
-saved hidden states. After the report is written, the work directory is removed. The output
+saved hidden states. `--state-interval` trades how often the state is saved against redone work. After the report is written, the work directory is removed. The output
 directory is locked (flock) for the duration, so two runs never write into the same one.
 
 `BARBER_TEST_KILL_AT=POINT[/SIGNAME][,...]` (tests only) sends SIGNAME (default SIGKILL) to this
-process at POINT, once per listed entry: `state:K` (state for block K committed), `block-write:I` (block I's file half written),
-`assemble:K` (K-th output shard staged), `publish:K` (K-th output file renamed into place).
+process at POINT, once per listed entry: `state:K` (state for block K committed), `block-write:I`
+(block I's file half written), `assemble:K` (K-th output shard staged), `publish:K` (K-th output
+file renamed into place).
 """
 
 from __future__ import annotations
@@ -132,7 +133,9 @@ def inspect_output(ckpt_dir: Path, out_dir: Path, *, overwrite: bool = False, re
         if overwrite:
             return "restart"
         if resume:
-            raise UsageError(f"--resume: {out_dir} holds a finished result, nothing to resume (--overwrite replaces it)")
+            raise UsageError(
+                f"--resume: {out_dir} holds a finished result, nothing to resume (--overwrite replaces it)"
+            )
         raise UsageError(f"--out {out_dir} already holds a finished barber result (use --overwrite to replace it)")
     if work.is_dir():
         if overwrite:
@@ -480,6 +483,7 @@ def _block_loop(
             work / STATE_NAME, next_block=state.next_block, num_blocks=n, blocks=state.blocks,
             hidden=None if last else state.hidden, fp=fp, extra={"embed_seconds": embed_seconds},
         )
+        fsync_dir(work)  # the block files' and the state's renames survive a power cut
         save_seconds += time.perf_counter() - t0
         saved_at = time.monotonic()
         _test_hook(f"state:{state.next_block}")

@@ -216,7 +216,8 @@ OPTION_CASES = [
 
 @pytest.mark.parametrize("extra, code, message", OPTION_CASES, ids=[" ".join(c[0]) for c in OPTION_CASES])
 def test_bad_options_and_data(assets, capsys, tmp_path, extra, code, message):
-    subst = {"{short}": str(assets["short"]), "{binary}": str(assets["binary"]), "{missing}": str(tmp_path / "nope.txt")}
+    subst = {"{short}": str(assets["short"]), "{binary}": str(assets["binary"]),
+             "{missing}": str(tmp_path / "nope.txt")}
     extra = [subst.get(a, a) for a in extra]
     before = snapshot(assets["ckpt"])
     out = tmp_path / "out"
