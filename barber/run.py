@@ -546,7 +546,7 @@ def _run(
     stage = work / STAGE_DIR
     _make_dir(stage)
     _remove_temporaries(stage)
-    copy_side_files(ckpt.path, stage)
+    copy_side_files(ckpt.path, stage, skip={REPORT_NAME})  # an input that is itself a barber result
     total_bytes = assemble(ckpt, store, stage, layer_info, done_dir=out_dir, should_stop=should_stop, progress=progress)
     publish(stage, out_dir)
     return RunResult(

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,11 +168,11 @@ def copy_file_atomic(src: Path, dst: Path) -> None:
         raise
 
 
-def copy_side_files(src: Path, dst: Path) -> list[str]:
-    """Copy every regular non-weight file (config, tokenizer, ...) from `src` to `dst`."""
+def copy_side_files(src: Path, dst: Path, skip: Collection[str] = ()) -> list[str]:
+    """Copy every regular non-weight file (config, tokenizer, ...) from `src` to `dst`, except `skip`."""
     copied = []
     for item in sorted(src.iterdir()):
-        if not item.is_file() or item.suffix in WEIGHT_SUFFIXES or item.name == INDEX_NAME:
+        if not item.is_file() or item.suffix in WEIGHT_SUFFIXES or item.name == INDEX_NAME or item.name in skip:
             continue
         if item.name.startswith("."):
             continue
@@ -183,8 +183,11 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
 
 def fsync_dir(path: Path) -> None:
     """Make renames inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise OutputError(f"cannot sync {path}: {exc.strerror or exc}") from None

@@ -313,3 +313,19 @@ def test_state_interval_saves_less_often_and_still_resumes(inputs, reference, ca
     assert rc == 0, err
     assert f"(resumed at block {BLOCKS})" in stdout
     assert digests(out) == reference
+
+
+def test_pruning_a_pruned_model_never_publishes_the_input_report(inputs, reference, capsys, tmp_path):
+    """The input's barber_report.json is not a side file: it would mark the output complete too early."""
+    import json
+
+    from barber.writer import copy_side_files
+
+    pruned = inputs["root"] / "reference"
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    assert REPORT_NAME not in copy_side_files(pruned, stage, skip={REPORT_NAME})
+    out = tmp_path / "again"
+    rc, _, err = run_inprocess(capsys, argv(inputs, out, ckpt=pruned))
+    assert rc == 0, err
+    assert json.loads((out / REPORT_NAME).read_text())["input"] == str(pruned)
