@@ -454,3 +454,13 @@ def test_pathological_headers_are_cheap(fuzz_file):
     deep = b"[" * 200_000 + b"]" * 200_000
     fuzz_file.write_bytes(struct.pack("<Q", len(deep)) + deep)
     assert _parse_bounded(fuzz_file) is None
+
+
+def test_help_documents_exit_codes(capsys):
+    with pytest.raises(SystemExit) as exc:
+        stream_main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "exit codes:" in text and "--resume" in text and "--state-interval" in text
+    for code in ("2 ", "3 ", "4 ", "5 ", "130", "143"):
+        assert f"\n  {code}" in text, code
