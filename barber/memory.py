@@ -202,13 +202,15 @@ def _block_bytes(sh: ModelShapes, compute_bytes: int, sparsegpt: bool, micro_bat
     # Initial selection: the float32 score of one linear and the selector's scratch (about 2x).
     select = 3 * 4 * largest
     gradient = rebuild = 0
+    freed = 0  # dense (and SparseGPT's updated) weights of the sub-blocks already rebuilt
     for names in (sh.attn, sh.mlp):
         sub = sum(numel[n] for n in names)
         big = max(numel[n] for n in names)
         copies = 0 if c == 4 else 2 * 4 * sub  # float32 dense and sparse copies
         chunk = min(max(GRAD_CHUNK_BYTES, 4 * big), micro_batch * 4 * big) + 4 * big  # per-sample gradients, their sum
-        gradient = max(gradient, copies + 4 * sub + chunk)
-        rebuild = max(rebuild, 4 * sub + 4 * sub + sub + 3 * 4 * big)  # A, scores, new masks, scratch
+        gradient = max(gradient, copies + 4 * sub + chunk - freed)
+        rebuild = max(rebuild, 4 * sub + sub + 3 * 4 * big - freed)  # scores (A dropped as scored), new masks, scratch
+        freed += sub * c * (2 if sparsegpt else 1)
     return {"block_resident": resident, "select": select, "gradient_pass": gradient, "rebuild": rebuild}
 
 

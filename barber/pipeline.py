@@ -373,6 +373,9 @@ class Pruner:
                 subblocks.append(report)
                 for k, v in times_sub.items():
                     times[k] = times.get(k, 0.0) + v
+                for n in names:  # past its rebuild, a sub-block needs only its pruned weights and masks
+                    dense.pop(n + ".weight")
+                    init_weights.pop(n)
         else:
             t0 = time.perf_counter()
             with torch.no_grad():
@@ -492,7 +495,9 @@ class Pruner:
         for n in names:
             w_dense = dense[n + ".weight"]
             base[n] = torch.where(masks[n], init_weights[n], w_dense) if s.retain_reconstruction else w_dense
-        scores = {n: prune.rebuild_scores(base[n], grad_sq[n] / n_samples, s.metric) for n in names}
+        scores = {}
+        for n in names:  # each A is dropped once scored: A and the scores of a sub-block never coexist whole
+            scores[n] = prune.rebuild_scores(base[n], grad_sq.pop(n).div_(n_samples), s.metric)
         new_masks = prune.rebuild(scores, {n: masks[n] for n in names}, s.ratio, s.granularity, s.pattern)
         swaps = {n: int((new_masks[n] & ~masks[n]).sum()) for n in names}
         for n in names:
