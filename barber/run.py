@@ -25,6 +25,7 @@ file renamed into place).
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -467,6 +468,12 @@ def _block_loop(
         hidden = load_hidden(saved, pruner.settings.device if on_device else None)
         state = BlockState(saved.next_block, hidden, saved.blocks)
         embed_seconds = float(saved.extra.get("embed_seconds", 0.0))
+        micro_batch = pruner.plan_for(*calib_ids.shape).micro_batch
+        if micro_batch != saved.extra.get("micro_batch", micro_batch):
+            log.warning(
+                "the memory budget allows micro-batches of %d samples, the interrupted run used %d: the output "
+                "may differ from an uninterrupted run in the last bits", micro_batch, saved.extra["micro_batch"],
+            )
     else:
         t0 = time.perf_counter()
         state = pruner.start(calib_ids)
@@ -481,7 +488,8 @@ def _block_loop(
         last = state.next_block == n
         save_state(
             work / STATE_NAME, next_block=state.next_block, num_blocks=n, blocks=state.blocks,
-            hidden=None if last else state.hidden, fp=fp, extra={"embed_seconds": embed_seconds},
+            hidden=None if last else state.hidden, fp=fp,
+            extra={"embed_seconds": embed_seconds, "micro_batch": pruner.plan_for(*calib_ids.shape).micro_batch},
         )
         fsync_dir(work)  # the block files' and the state's renames survive a power cut
         save_seconds += time.perf_counter() - t0
@@ -507,6 +515,18 @@ def _block_loop(
     return state, embed_seconds, save_seconds
 
 
+def _resumed_settings(settings: PruneSettings, saved: SavedState | None) -> PruneSettings:
+    """The settings to continue `saved` with: its micro-batch, so samples are grouped as before.
+
+    The automatic micro-batch follows the memory available at start, and the grouping of samples
+    can change the last bits of batched sums; pinning it keeps a resumed run byte-identical.
+    """
+    micro_batch = saved.extra.get("micro_batch") if saved is not None else None
+    if not isinstance(micro_batch, int) or micro_batch < 1:
+        return settings
+    return dataclasses.replace(settings, batch_size=micro_batch)
+
+
 def _run(
     ckpt: Checkpoint,
     out_dir: Path,
@@ -524,7 +544,7 @@ def _run(
     n = ckpt.num_layers
     if settings.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    pruner = Pruner(ckpt, settings, progress=progress, budget=budget, work_dir=work)
+    pruner = Pruner(ckpt, _resumed_settings(settings, saved), progress=progress, budget=budget, work_dir=work)
     try:
         state, embed_seconds, save_seconds = _block_loop(
             pruner, ckpt, work, calib_ids, fp, saved, progress, should_stop, state_interval
