@@ -11,7 +11,7 @@ rebuild by default) in a fresh interpreter, so the peak RSS (VmHWM of the child)
 From each run's barber_report.json it takes the per-block time split (read; forward = statistics
 forward + advancing the hidden states; gradient pass; selection = initial selection + rebuild;
 write), the memory plan, and the peak GPU memory (max allocated). --budget-check SIZE prunes the
-deepest checkpoint once more under --max-cpu-memory SIZE and reports peak / budget.
+shallowest checkpoint once more under --max-cpu-memory SIZE and reports peak / budget.
 
 The gradient pass's achieved FLOP/s (its matmul and attention FLOPs, counted from the shapes, over
 its measured time) is set against a plain float32 matmul of the same shapes (micro-batch x seqlen
@@ -92,8 +92,13 @@ def gradient_flops(cfg: dict, nsamples: int, seqlen: int) -> float:
     return float(linear + attention)
 
 
-def matmul_rate(cfg: dict, tokens: int, device: str, seconds: float = 3.0) -> dict:
-    """FLOP/s of plain float32 matmuls x[tokens, in] @ W[out, in]^T over the block's linear shapes."""
+def matmul_rate(cfg: dict, tokens: int, device: str, seconds: float = 3.0, tf32: bool = False) -> dict:
+    """FLOP/s of plain float32 matmuls x[tokens, in] @ W[out, in]^T over the block's linear shapes.
+
+    On a GPU, TF32 is allowed exactly when the pruner's runs allow it (--allow-tf32).
+    """
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     d, f = cfg["hidden_size"], cfg["intermediate_size"]
     nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hd = d // nh
@@ -118,7 +123,7 @@ def matmul_rate(cfg: dict, tokens: int, device: str, seconds: float = 3.0) -> di
         flops += 2.0 * tokens * inp * out * reps
         elapsed += dt
         del x, w
-    return {"flops_per_s": flops / elapsed, "per_shape": per_shape, "tokens": tokens}
+    return {"flops_per_s": flops / elapsed, "per_shape": per_shape, "tokens": tokens, "tf32": tf32}
 
 
 def _sync(device: str) -> None:
@@ -126,15 +131,16 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_stream(ckpt: Path, out: Path, calib: Path, args: argparse.Namespace, budget: str | None = None) -> dict:
+def run_stream(ckpt: Path, out: Path, calib: Path, args: argparse.Namespace, budget: str | None = None,
+               gpu_budget: str | None = None) -> dict:
     """One barber-stream run in a fresh interpreter: its report plus peak RSS and wall time."""
     argv = ["--ckpt", str(ckpt), "--out", str(out), "--overwrite", "--calib", str(calib),
             "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--device", args.device,
             "--dtype", args.dtype, "--no-progress", "-v"]
     if budget or args.max_cpu_memory:
         argv += ["--max-cpu-memory", budget or args.max_cpu_memory]
-    if args.max_gpu_memory:
-        argv += ["--max-gpu-memory", args.max_gpu_memory]
+    if gpu_budget or args.max_gpu_memory:
+        argv += ["--max-gpu-memory", gpu_budget or args.max_gpu_memory]
     argv += args.extra
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _CHILD, *argv], capture_output=True, text=True)
@@ -183,7 +189,8 @@ def markdown(rows: list[dict], mm: dict) -> str:
         t = r["per_block_seconds"]
         plan = r["plan"] or {}
         gpu = f"{r['peak_gpu'] / gib:.2f}" if r.get("peak_gpu") else "-"
-        label = f"{r['blocks']}" + (f" (budget {r['budget']})" if r.get("budget") else "")
+        label = f"{r['blocks']}" + (f" (RSS budget {r['budget']})" if r.get("budget") else "") + (
+            f" (GPU budget {r['gpu_budget']})" if r.get("gpu_budget") else "")
         lines.append(
             f"| {label} | {t['read']:.2f} | {t['forward']:.2f} | {t['gradient']:.2f} | {t['select']:.2f} | "
             f"{t['write']:.2f} | {t['total']:.2f} | {r['peak_rss'] / gib:.3f} | {r['peak_rss'] / base:.3f} | {gpu} | "
@@ -211,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-cpu-memory", default=None, help="passed to every run")
     p.add_argument("--max-gpu-memory", default=None, help="passed to every run")
     p.add_argument("--budget-check", default=None, metavar="SIZE",
-                   help="prune the deepest checkpoint again under --max-cpu-memory SIZE")
+                   help="prune the shallowest checkpoint again under --max-cpu-memory SIZE")
+    p.add_argument("--gpu-budget-check", default=None, metavar="SIZE",
+                   help="prune the shallowest checkpoint again under --max-gpu-memory SIZE")
     p.add_argument("--workdir", default=tempfile.gettempdir(), help="where the scratch directory goes")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
     p.add_argument("--json", default=None, help="write every number to this file")
@@ -232,22 +241,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  done in {time.perf_counter() - t0:.1f} s", flush=True)
         cfg = json.loads((pool / "config.json").read_text())
         calib = calibration_text(scratch / "calib.txt", args.nsamples * args.seqlen)
-        runs: list[tuple[int, str | None]] = [(b, None) for b in blocks]
-        if args.budget_check:
-            runs.append((blocks[-1], args.budget_check))
+        runs: list[tuple[int, str | None, str | None]] = [(b, None, None) for b in blocks]
+        if args.budget_check:  # peak memory does not depend on depth: the shallowest run is enough
+            runs.append((blocks[0], args.budget_check, None))
+        if args.gpu_budget_check:
+            runs.append((blocks[0], None, args.gpu_budget_check))
         mm = None
-        for depth, budget in runs:
+        for depth, budget, gpu_budget in runs:
             ckpt = scratch / f"L{depth}"
             if not ckpt.exists():
                 subset_checkpoint(pool, ckpt, depth)
-            run = run_stream(ckpt, scratch / "out", calib, args, budget)
+            run = run_stream(ckpt, scratch / "out", calib, args, budget, gpu_budget)
             if mm is None:  # after the first run: the child's plan gives the micro-batch
                 plan = (run["report"].get("memory") or {}).get("plan") or {}
-                mm = matmul_rate(cfg, plan.get("micro_batch", 1) * args.seqlen, args.device)
+                mm = matmul_rate(cfg, plan.get("micro_batch", 1) * args.seqlen, args.device,
+                                 tf32="--allow-tf32" in args.extra)
             row = summarise(run, cfg, args, mm)
-            row["budget"] = budget
+            row["budget"], row["gpu_budget"] = budget, gpu_budget
             rows.append(row)
-            print(f"  {depth} blocks{f' under {budget}' if budget else ''}: peak RSS {row['peak_rss'] / 2**30:.3f} GiB, "
+            under = f" under --max-cpu-memory {budget}" if budget else f" under --max-gpu-memory {gpu_budget}" if gpu_budget else ""
+            print(f"  {depth} blocks{under}: peak RSS {row['peak_rss'] / 2**30:.3f} GiB, "
                   f"{row['per_block_seconds']['total']:.1f} s/block, {row['wall']:.0f} s  [{row['summary']}]", flush=True)
     finally:
         if not args.keep:
@@ -257,15 +270,33 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.nsamples} x {args.seqlen} calibration tokens, {args.dtype} on {args.device}, "
           f"{torch.get_num_threads()} threads; per-block means\n")
     print(markdown(rows, mm))
-    depth_rows = [r for r in rows if not r.get("budget")]
+    depth_rows = [r for r in rows if not r.get("budget") and not r.get("gpu_budget")]
     ratio = depth_rows[-1]["peak_rss"] / depth_rows[0]["peak_rss"]
     worst = max(r["peak_rss"] for r in depth_rows)
     verdicts = {"depth_ratio": ratio, "depth_ratio_ok": ratio <= 1.1}
     if args.device == "cpu":
         verdicts["peak_under_6GB"] = worst <= 6e9
+    else:  # issue #5 on a GPU: 40 blocks in 10 minutes, <= 10 GB by default, gradient pass >= 40% of matmul
+        per_block = max(r["per_block_seconds"]["total"] for r in depth_rows)
+        gpu_peak = max(r["peak_gpu"] or 0 for r in depth_rows)
+        verdicts.update(
+            seconds_for_40_blocks=40 * per_block, forty_blocks_in_10_min_ok=40 * per_block <= 600,
+            peak_gpu=gpu_peak, peak_gpu_under_10GB_ok=gpu_peak <= 10e9,
+            gradient_vs_matmul_ok=min(r["gradient_vs_matmul"] or 0 for r in depth_rows) >= 0.4,
+        )
+        print(f"40 blocks would take {40 * per_block / 60:.1f} min; peak GPU {gpu_peak / 1e9:.2f} GB; gradient pass at "
+              f"{min(r['gradient_vs_matmul'] or 0 for r in depth_rows):.2f} x the matmul rate")
     print(f"\npeak RSS {depth_rows[-1]['blocks']} blocks / {depth_rows[0]['blocks']} blocks: {ratio:.3f} "
           f"({'<=' if ratio <= 1.1 else '>'} 1.1); largest {worst / 1e9:.2f} GB")
     for r in rows:
+        if r.get("gpu_budget"):
+            from barber.memory import parse_bytes
+
+            limit = parse_bytes(r["gpu_budget"])
+            verdicts["gpu_budget_ratio"] = (r["peak_gpu"] or 0) / limit
+            verdicts["gpu_budget_ok"] = (r["peak_gpu"] or 0) <= limit
+            print(f"under --max-gpu-memory {r['gpu_budget']}: peak GPU {(r['peak_gpu'] or 0) / 2**30:.3f} GiB = "
+                  f"{verdicts['gpu_budget_ratio']:.3f} x the budget")
         if r.get("budget"):
             from barber.memory import parse_bytes
 
