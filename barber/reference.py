@@ -11,6 +11,166 @@ from __future__ import annotations
 import torch
 
 # --- mask ops: topk_mask, nm_mask, rebuild_mask ------------------------------------
+#
+# Ranking details shared with csrc/core/order.h: scores are compared as floats after a
+# conversion to float32 (exact for float16 and bfloat16), so -0.0 equals +0.0 (they tie
+# and the column index decides). Errors are RuntimeErrors with the native ops' messages.
+
+_SCORE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_scores(op: str, scores: torch.Tensor) -> None:
+    if scores.dim() != 2:
+        raise RuntimeError(f"barber::{op}: expected scores to be 2-D [rows, cols], got shape {list(scores.shape)}")
+    if scores.dtype not in _SCORE_DTYPES:
+        raise RuntimeError(f"barber::{op}: expected scores of dtype float32, float16 or bfloat16, got {scores.dtype}")
+
+
+def _ranking_scores(op: str, scores: torch.Tensor) -> torch.Tensor:
+    """float32 copy of scores with -0.0 turned into +0.0; raises on NaN."""
+    s = scores.float()
+    if bool(torch.isnan(s).any()):
+        raise RuntimeError(f"barber::{op}: scores contain NaN")
+    return torch.where(s == 0, torch.zeros((), dtype=s.dtype, device=s.device), s)
+
+
+def _ranks(s: torch.Tensor) -> torch.Tensor:
+    """rank[..., j] = position of entry j in its row's total order (0 = best), int64."""
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
+    positions = torch.arange(s.shape[-1], device=s.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, positions)
+
+
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k best entries of every row.
+
+    Args:
+        scores: [rows, cols] float32, float16 or bfloat16, any strides.
+        k: 0 <= k <= cols.
+
+    Returns:
+        bool [rows, cols], exactly k True per row: the first k of the row in the total order
+        (higher score first; equal scores -> lower column first). NaN raises.
+    """
+    _check_scores("topk_mask", scores)
+    cols = scores.shape[1]
+    if not 0 <= k <= cols:
+        raise RuntimeError(f"barber::topk_mask: expected 0 <= k <= cols={cols}, got k={k}")
+    return _ranks(_ranking_scores("topk_mask", scores)) < k
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """N:M mask: in every group of m consecutive columns keep the n best.
+
+    Args:
+        scores: [rows, cols] float32, float16 or bfloat16, cols divisible by m.
+        n, m: 0 <= n <= m, m >= 1.
+
+    Returns:
+        bool [rows, cols], exactly n True in every group (cols 0..m-1, m..2m-1, ...),
+        chosen by the total order within the group. NaN raises.
+    """
+    _check_scores("nm_mask", scores)
+    rows, cols = scores.shape
+    if m < 1:
+        raise RuntimeError(f"barber::nm_mask: expected m >= 1, got m={m}")
+    if not 0 <= n <= m:
+        raise RuntimeError(f"barber::nm_mask: expected 0 <= n <= m={m}, got n={n}")
+    if cols % m != 0:
+        raise RuntimeError(f"barber::nm_mask: expected the number of columns to be divisible by m={m}, got {cols}")
+    s = _ranking_scores("nm_mask", scores).reshape(rows, cols // m, m)
+    return (_ranks(s) < n).reshape(rows, cols)
+
+
+def rebuild_mask(scores: torch.Tensor, mask: torch.Tensor, ratio: float, m: int = 0) -> torch.Tensor:
+    """LLM-Barber mask rebuild, per row (shared/docs/algorithm.md Part A).
+
+    Per row, P = pruned entries (mask False), K = kept entries (mask True). Sort P
+    best-first (a1, a2, ...) and K worst-first (b1, b2, ...) in the total order ("worst" =
+    last: lowest score, and among equal scores the higher column). R = #{i <= min(|P|, |K|) :
+    score(a_i) > score(b_i)} (strictly greater scores; these i form a prefix), and
+    s = floor(ratio * R) computed in float64. The rebuild regrows a1..as and prunes b1..bs,
+    so every row keeps exactly as many entries as before; ratio = 0 returns the mask
+    unchanged. With ratio = 1 no beneficial pair is left: the best pruned score is at most
+    the worst kept score.
+
+    N:M variant (m > 0): s and a1..as are chosen from the whole row as above; then every
+    group of m consecutive columns that regrew r entries prunes the r worst (total order)
+    of its previously kept entries instead of b1..bs, so every group keeps its count. The
+    input must keep the same number of entries in every group (a valid N:M mask), and a
+    group may not regrow more entries than it kept (impossible when n >= m - n, as in 2:4
+    and 4:8); both raise.
+
+    Args:
+        scores: [rows, cols] float32, float16 or bfloat16.
+        mask: bool [rows, cols] on the device of scores, True = kept.
+        ratio: 0 <= ratio <= 1 (the paper's mask rebuilding ratio, alpha).
+        m: 0 for the unstructured rebuild, else the N:M group size (cols divisible by m).
+
+    Returns:
+        The rebuilt bool mask [rows, cols] (a new tensor). NaN scores raise.
+    """
+    op = "rebuild_mask"
+    _check_scores(op, scores)
+    if mask.dtype != torch.bool:
+        raise RuntimeError(f"barber::{op}: expected mask of dtype torch.bool, got {mask.dtype}")
+    if mask.shape != scores.shape:
+        raise RuntimeError(
+            f"barber::{op}: expected mask of the shape of scores {list(scores.shape)}, got {list(mask.shape)}"
+        )
+    if mask.device != scores.device:
+        raise RuntimeError(f"barber::{op}: expected mask on the device of scores ({scores.device}), got {mask.device}")
+    if not 0.0 <= ratio <= 1.0:
+        raise RuntimeError(f"barber::{op}: expected 0 <= ratio <= 1, got ratio={ratio}")
+    rows, cols = scores.shape
+    if m < 0:
+        raise RuntimeError(f"barber::{op}: expected m >= 0 (0: unstructured), got m={m}")
+    if m > 0 and cols % m != 0:
+        raise RuntimeError(f"barber::{op}: expected the number of columns to be divisible by m={m}, got {cols}")
+
+    s = _ranking_scores(op, scores)
+    kept = mask.clone()
+    if m > 0 and rows > 0 and cols > 0:
+        group_kept = kept.reshape(rows, cols // m, m).sum(-1)
+        if bool((group_kept != group_kept[0, 0]).any()):
+            raise RuntimeError(
+                f"barber::{op}: expected an N:M mask that keeps the same number of entries in every group "
+                f"of m={m} columns"
+            )
+    if rows == 0 or cols == 0:
+        return kept
+
+    rank = _ranks(s)  # 0 = best; unique per row
+    # P best-first, then K: sort by (kept, rank). K worst-first, then P: sort by (pruned, -rank).
+    grow_order = torch.sort(rank + cols * kept, dim=1).indices
+    drop_order = torch.sort((cols - 1 - rank) + cols * ~kept, dim=1).indices
+    n_kept = kept.sum(1, keepdim=True)
+    pairs = torch.minimum(cols - n_kept, n_kept)
+    position = torch.arange(cols, device=s.device).expand(rows, cols)
+    better = s.gather(1, grow_order) > s.gather(1, drop_order)
+    beneficial = (better & (position < pairs)).sum(1, keepdim=True)
+    swaps = torch.floor(ratio * beneficial.double()).long()
+    chosen = position < swaps
+    regrow = torch.zeros_like(kept).scatter_(1, grow_order, chosen)
+    if m == 0:
+        drop = torch.zeros_like(kept).scatter_(1, drop_order, chosen)
+        return (kept & ~drop) | regrow
+
+    groups = cols // m
+    regrown = regrow.reshape(rows, groups, m).sum(-1, keepdim=True)
+    kept3 = kept.reshape(rows, groups, m)
+    if bool((regrown > kept3.sum(-1, keepdim=True)).any()):
+        raise RuntimeError(
+            f"barber::{op}: a group of m={m} columns regrows more entries than it kept; "
+            "lower the ratio, or keep n >= m - n per group"
+        )
+    # Previously kept entries of each group worst-first (then the pruned ones).
+    worst_key = torch.where(kept, cols - 1 - rank, 2 * cols).reshape(rows, groups, m)
+    worst_order = torch.sort(worst_key, dim=-1).indices
+    chosen3 = torch.arange(m, device=s.device) < regrown
+    drop = torch.zeros_like(kept3).scatter_(-1, worst_order, chosen3).reshape(rows, cols)
+    return (kept & ~drop) | regrow
+
 
 # --- packing ops: pack_24, unpack_24, pack_bitmask, unpack_bitmask -----------------
 

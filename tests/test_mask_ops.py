@@ -1,0 +1,366 @@
+"""Mask ops: topk_mask, nm_mask, rebuild_mask.
+
+The pure-torch reference is checked on hand-made cases; the native kernels (CPU, and CUDA
+wherever a GPU exists) must equal it bit for bit (torch.equal) on random and adversarial
+inputs: heavy ties, all-equal rows, -0.0 next to +0.0, +-inf, one column, k = 0 and k = cols,
+LLaMA-width rows, non-contiguous inputs and every score dtype.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from barber import _native, ops
+from barber import reference as ref
+from conftest import devices, skip_or_fail
+
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+INF = float("inf")
+
+
+@pytest.fixture(scope="module")
+def native() -> None:
+    """Skips (or fails under BARBER_REQUIRE_NATIVE=1) when barber._C is not built."""
+    if not _native.available():
+        skip_or_fail("barber._C is not built: the native mask ops are unavailable")
+
+
+def _scores(kind: str, rows: int, cols: int, dtype: torch.dtype, device: str, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "randn":
+        x = torch.randn(rows, cols, generator=gen)
+    elif kind == "ties":  # integer-valued: heavy ties in every dtype
+        x = torch.randint(-3, 4, (rows, cols), generator=gen).float()
+    elif kind == "equal":  # all equal, half of them -0.0
+        x = torch.zeros(rows, cols)
+        x[:, 1::2] = -0.0
+    elif kind == "inf":
+        x = torch.randn(rows, cols, generator=gen)
+        x[x > 0.8] = INF
+        x[x < -0.8] = -INF
+    elif kind == "narrow":  # many float32 keys sharing their high 16 bits
+        x = 1.0 + 1e-6 * torch.randint(0, 8, (rows, cols), generator=gen).float()
+    else:
+        raise ValueError(kind)
+    return x.to(dtype).to(device)
+
+
+def _random_mask(rows: int, cols: int, frac: float, device: str, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(rows, cols, generator=gen) < frac).to(device)
+
+
+def _beneficial_pairs(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """R per row by the literal rule (sorted values, strict comparison), for invariants."""
+    s = scores.float()
+    best_pruned = torch.sort(torch.where(mask, -INF, s), dim=1, descending=True).values
+    worst_kept = torch.sort(torch.where(mask, s, INF), dim=1).values
+    pairs = torch.minimum((~mask).sum(1), mask.sum(1))
+    valid = torch.arange(s.shape[1], device=s.device) < pairs[:, None]
+    return ((best_pruned > worst_kept) & valid).sum(1)
+
+
+# --- reference: hand-checked cases ------------------------------------------------------
+
+
+def _t(rows: list[list[float]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def _b(rows: list[list[int]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.bool)
+
+
+BACKENDS = ["torch", "native"]
+
+
+def _backend(request, backend: str) -> str:
+    if backend == "native":
+        request.getfixturevalue("native")
+    return backend
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_literal(request, backend: str) -> None:
+    be = _backend(request, backend)
+    x = _t([[3, 1, 2, 3, 0], [1, 1, 1, 1, 1], [-0.0, 0.0, -1, INF, -INF]])
+    assert torch.equal(ops.topk_mask(x, 2, backend=be), _b([[1, 0, 0, 1, 0], [1, 1, 0, 0, 0], [1, 0, 0, 1, 0]]))
+    assert torch.equal(ops.topk_mask(x, 0, backend=be), torch.zeros(3, 5, dtype=torch.bool))
+    assert torch.equal(ops.topk_mask(x, 5, backend=be), torch.ones(3, 5, dtype=torch.bool))
+    assert torch.equal(ops.topk_mask(_t([[0.0, -0.0]]), 1, backend=be), _b([[1, 0]]))  # -0.0 == +0.0: lower column
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nm_literal(request, backend: str) -> None:
+    be = _backend(request, backend)
+    x = _t([[4, 3, 2, 1, 1, 2, 3, 4], [1, 1, 1, 1, -0.0, 0.0, 5, -5]])
+    assert torch.equal(ops.nm_mask(x, 2, 4, backend=be), _b([[1, 1, 0, 0, 0, 0, 1, 1], [1, 1, 0, 0, 1, 0, 1, 0]]))
+    assert torch.equal(ops.nm_mask(x, 4, 8, backend=be), _b([[1, 1, 0, 0, 0, 0, 1, 1], [1, 1, 1, 0, 0, 0, 1, 0]]))
+    assert torch.equal(ops.nm_mask(x, 1, 1, backend=be), torch.ones(2, 8, dtype=torch.bool))
+    assert torch.equal(ops.nm_mask(x, 0, 2, backend=be), torch.zeros(2, 8, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rebuild_literal(request, backend: str) -> None:
+    be = _backend(request, backend)
+    # P best-first: 5@0, 3@2, 1@4; K worst-first: 0@5, 2@3, 4@1 -> R = 2 (1 > 4 fails).
+    x = _t([[5, 4, 3, 2, 1, 0]])
+    mask = _b([[0, 1, 0, 1, 0, 1]])
+    assert torch.equal(ops.rebuild_mask(x, mask, 1.0, backend=be), _b([[1, 1, 1, 0, 0, 0]]))
+    assert torch.equal(ops.rebuild_mask(x, mask, 0.5, backend=be), _b([[1, 1, 0, 1, 0, 0]]))
+    assert torch.equal(ops.rebuild_mask(x, mask, 0.49, backend=be), mask)  # floor(0.98) = 0
+    assert torch.equal(ops.rebuild_mask(x, mask, 0.0, backend=be), mask)
+    # Ties at the thresholds: the lower pruned column regrows, the higher kept column drops.
+    assert torch.equal(ops.rebuild_mask(_t([[2, 1, 2, 1]]), _b([[0, 1, 0, 1]]), 0.5, backend=be), _b([[1, 1, 0, 0]]))
+    # Equal scores are never beneficial; -0.0 == +0.0.
+    ties = _b([[0, 1], [0, 1], [0, 1]])
+    assert torch.equal(ops.rebuild_mask(_t([[1, 1], [0.0, -0.0], [-0.0, 0.0]]), ties, 1.0, backend=be), ties)
+    assert torch.equal(ops.rebuild_mask(_t([[INF, -INF]]), _b([[0, 1]]), 1.0, backend=be), _b([[1, 0]]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rebuild_nm_literal(request, backend: str) -> None:
+    be = _backend(request, backend)
+    # P best-first 8@4, 7@5, 4@3, 2@1; K worst-first 1@0, 3@2, 5@7, 6@6 -> R = 2.
+    x = _t([[1, 2, 3, 4, 8, 7, 6, 5]])
+    mask = _b([[1, 0, 1, 0, 0, 0, 1, 1]])
+    # s = 2: both regrow in group 1, which drops its two previously kept entries.
+    assert torch.equal(ops.rebuild_mask(x, mask, 1.0, 4, backend=be), _b([[1, 0, 1, 0, 1, 1, 0, 0]]))
+    # s = 1: column 4 regrows; group 1 drops its worst kept entry (5@7).
+    assert torch.equal(ops.rebuild_mask(x, mask, 0.5, 4, backend=be), _b([[1, 0, 1, 0, 1, 0, 1, 0]]))
+    # One group spanning the row is the unstructured rebuild.
+    assert torch.equal(ops.rebuild_mask(x, mask, 1.0, 8, backend=be), ops.rebuild_mask(x, mask, 1.0, backend=be))
+
+
+# --- errors (same messages from the reference and the native ops) -----------------------
+
+
+def _error_cases() -> list[tuple[str, tuple, str]]:
+    """(id, (op, *args), message regex): the same for the reference and the native ops."""
+    x = torch.randn(4, 8)
+    nan = x.clone()
+    nan[1, 3] = float("nan")
+    m24 = ref.nm_mask(x, 2, 4)
+    not_nm = _b([[1, 1, 0, 0, 1, 0, 0, 0]] * 4)
+    one_to_four = (_t([[0, 9, 8, 0.5, 1, 0.1, 0.2, 0.3]]), _b([[1, 0, 0, 0, 1, 0, 0, 0]]))
+    dtype_msg = r"expected scores of dtype float32, float16 or bfloat16, got torch.float64"
+    return [
+        ("topk nan", ("topk_mask", nan, 2), r"barber::topk_mask: scores contain NaN"),
+        ("topk nan k=0", ("topk_mask", nan, 0), r"barber::topk_mask: scores contain NaN"),
+        ("topk k<0", ("topk_mask", x, -1), r"barber::topk_mask: expected 0 <= k <= cols=8, got k=-1"),
+        ("topk k>C", ("topk_mask", x, 9), r"barber::topk_mask: expected 0 <= k <= cols=8, got k=9"),
+        ("topk 3-D", ("topk_mask", x[None], 1), r"barber::topk_mask: expected scores to be 2-D"),
+        ("topk f64", ("topk_mask", x.double(), 1), r"barber::topk_mask: " + dtype_msg),
+        ("topk int", ("topk_mask", x.int(), 1), r"barber::topk_mask: expected scores of dtype"),
+        ("nm nan", ("nm_mask", nan, 2, 4), r"barber::nm_mask: scores contain NaN"),
+        ("nm cols", ("nm_mask", x, 2, 3), r"barber::nm_mask: expected the number of columns to be divisible by m=3"),
+        ("nm n>m", ("nm_mask", x, 5, 4), r"barber::nm_mask: expected 0 <= n <= m=4, got n=5"),
+        ("nm m=0", ("nm_mask", x, 0, 0), r"barber::nm_mask: expected m >= 1, got m=0"),
+        ("rebuild nan", ("rebuild_mask", nan, m24, 0.0), r"barber::rebuild_mask: scores contain NaN"),
+        ("rebuild ratio>1", ("rebuild_mask", x, m24, 1.5), r"rebuild_mask: expected 0 <= ratio <= 1, got ratio=1.5"),
+        ("rebuild ratio<0", ("rebuild_mask", x, m24, -0.5), r"barber::rebuild_mask: expected 0 <= ratio <= 1"),
+        ("rebuild mask dtype", ("rebuild_mask", x, m24.float(), 0.5), r"mask of dtype torch.bool, got torch.float32"),
+        ("rebuild mask shape", ("rebuild_mask", x, m24[:, :4], 0.5), r"of the shape of scores \[4, 8\], got \[4, 4\]"),
+        ("rebuild m<0", ("rebuild_mask", x, m24, 0.5, -1), r"barber::rebuild_mask: expected m >= 0"),
+        ("rebuild m cols", ("rebuild_mask", x, m24, 0.5, 3), r"barber::rebuild_mask: .*divisible by m=3, got 8"),
+        ("rebuild not N:M", ("rebuild_mask", x, not_nm, 0.5, 4), r"rebuild_mask: expected an N:M mask that keeps"),
+        ("rebuild overfull", ("rebuild_mask", *one_to_four, 1.0, 4), r"a group of m=4 columns regrows more entries"),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", _error_cases(), ids=lambda c: c[0])
+def test_errors(request, backend: str, case) -> None:
+    be = _backend(request, backend)
+    _, (op, *args), message = case
+    with pytest.raises(RuntimeError, match=message):
+        getattr(ops, op)(*args, backend=be)
+
+
+def test_bad_backend() -> None:
+    with pytest.raises(ValueError, match="expected backend 'auto', 'native' or 'torch'"):
+        ops.topk_mask(torch.randn(2, 2), 1, backend="gpu")  # type: ignore[arg-type]
+
+
+# --- native == reference -----------------------------------------------------------------
+
+SHAPES = [(1, 1), (3, 7), (5, 64), (2, 4096), (2, 13824)]
+KINDS = ["randn", "ties", "equal", "inf", "narrow"]
+
+
+def _ks(cols: int) -> list[int]:
+    return sorted({0, 1, cols // 2, max(cols - 1, 0), cols})
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("kind", KINDS)
+def test_topk_matches_reference(native, device: str, dtype: torch.dtype, shape, kind: str) -> None:
+    x = _scores(kind, *shape, dtype, device)
+    for k in _ks(shape[1]):
+        got = ops.topk_mask(x, k, backend="native")
+        assert got.dtype == torch.bool and got.shape == x.shape and got.device == x.device
+        assert torch.equal(got, ref.topk_mask(x, k)), f"k={k}"
+        assert bool((got.sum(1) == k).all())
+
+
+NM_PATTERNS = [(2, 4), (1, 4), (3, 4), (4, 8), (3, 7), (0, 1), (1, 1), (5, 40), (16, 64)]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("kind", KINDS)
+def test_nm_matches_reference(native, device: str, dtype: torch.dtype, kind: str) -> None:
+    for n, m in NM_PATTERNS:
+        for rows, cols in [(3, 2240), (1, m), (2, 4480)]:  # 2240 = 4 * 7 * 80 = 64 * 35
+            if cols % m:
+                continue
+            x = _scores(kind, rows, cols, dtype, device, seed=n * 100 + m)
+            got = ops.nm_mask(x, n, m, backend="native")
+            assert torch.equal(got, ref.nm_mask(x, n, m)), f"{n}:{m} {rows}x{cols}"
+            assert bool((got.reshape(rows, cols // m, m).sum(-1) == n).all())
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("kind", KINDS)
+def test_rebuild_matches_reference(native, device: str, dtype: torch.dtype, shape, kind: str) -> None:
+    x = _scores(kind, *shape, dtype, device)
+    for frac in (0.0, 0.3, 0.5, 1.0):
+        mask = _random_mask(*shape, frac, device, seed=int(frac * 10))
+        for ratio in (0.0, 0.01, 0.5, 1.0):
+            got = ops.rebuild_mask(x, mask, ratio, backend="native")
+            assert torch.equal(got, ref.rebuild_mask(x, mask, ratio)), f"frac={frac} ratio={ratio}"
+            assert torch.equal(got.sum(1), mask.sum(1))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8), (32, 64)], ids=lambda p: f"{p[0]}:{p[1]}")
+def test_rebuild_nm_matches_reference(native, device: str, dtype: torch.dtype, kind: str, nm) -> None:
+    n, m = nm
+    rows, cols = 4, 1024
+    x = _scores(kind, rows, cols, dtype, device)
+    mask = ref.nm_mask(_scores("randn", rows, cols, torch.float32, device, seed=7), n, m)
+    for ratio in (0.0, 0.1, 0.5, 1.0):
+        got = ops.rebuild_mask(x, mask, ratio, m, backend="native")
+        assert torch.equal(got, ref.rebuild_mask(x, mask, ratio, m)), f"ratio={ratio}"
+        assert bool((got.reshape(rows, cols // m, m).sum(-1) == n).all())
+
+
+def _outcome(call):
+    try:
+        return call()
+    except RuntimeError as exc:
+        return str(exc).splitlines()[0]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("nm", [(1, 4), (16, 64)], ids=lambda p: f"{p[0]}:{p[1]}")
+def test_rebuild_sparse_nm_agrees(native, device: str, nm) -> None:
+    """n < m - n: a group may regrow more than it kept; both backends raise on the same inputs."""
+    n, m = nm
+    x = _scores("randn", 8, 256, torch.float32, device, seed=11)
+    mask = ref.nm_mask(_scores("randn", 8, 256, torch.float32, device, seed=12), n, m)
+    outcomes = set()
+    for ratio in (0.05, 0.3, 1.0):
+        got = _outcome(lambda: ops.rebuild_mask(x, mask, ratio, m, backend="native"))
+        want = _outcome(lambda: ref.rebuild_mask(x, mask, ratio, m))
+        if isinstance(want, str):
+            assert got == want
+        else:
+            assert torch.equal(got, want)
+        outcomes.add(isinstance(want, str))
+    assert outcomes == {True, False} or m == 4  # 16:64 sees both a result and the error
+
+
+@pytest.mark.parametrize("device", devices())
+def test_non_contiguous_inputs(native, device: str) -> None:
+    base = _scores("ties", 64, 96, torch.bfloat16, device)
+    for x in (base.t(), base[:, ::2], base[::3, 1:]):
+        assert not x.is_contiguous()
+        cols = x.shape[1]
+        assert torch.equal(ops.topk_mask(x, cols // 3, backend="native"), ref.topk_mask(x, cols // 3))
+        if cols % 4 == 0:
+            assert torch.equal(ops.nm_mask(x, 2, 4, backend="native"), ref.nm_mask(x, 2, 4))
+        mask = _random_mask(*x.shape, 0.5, device).t().contiguous().t()  # column-major mask
+        assert torch.equal(ops.rebuild_mask(x, mask, 0.5, backend="native"), ref.rebuild_mask(x, mask, 0.5))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_empty_tensors(native, device: str) -> None:
+    for rows, cols in [(0, 8), (3, 0), (0, 0)]:
+        x = torch.randn(rows, cols, device=device)
+        assert ops.topk_mask(x, 0, backend="native").shape == (rows, cols)
+        assert ops.nm_mask(x, 1, 4 if cols else 1, backend="native").shape == (rows, cols)
+        assert ops.rebuild_mask(x, x > 0, 0.5, backend="native").shape == (rows, cols)
+
+
+# --- invariants ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["randn", "ties"])
+def test_rebuild_invariants(request, backend: str, kind: str) -> None:
+    be = _backend(request, backend)
+    x = _scores(kind, 16, 512, torch.float32, "cpu", seed=3)
+    mask = _random_mask(16, 512, 0.5, "cpu")
+    r = _beneficial_pairs(x, mask)
+    assert bool((r > 0).all())
+    assert torch.equal(ops.rebuild_mask(x, mask, 0.0, backend=be), mask)
+    full = ops.rebuild_mask(x, mask, 1.0, backend=be)
+    assert torch.equal(full.sum(1), mask.sum(1))
+    # ratio 1 leaves no beneficial pair: every pruned score <= every kept score.
+    assert bool((_beneficial_pairs(x, full) == 0).all())
+    best_pruned = torch.where(full, -INF, x).amax(1)
+    worst_kept = torch.where(full, x, INF).amin(1)
+    assert bool((best_pruned <= worst_kept).all())
+    # ratio a swaps floor(a * R) pairs per row.
+    half = ops.rebuild_mask(x, mask, 0.5, backend=be)
+    assert torch.equal((half & ~mask).sum(1), torch.floor(0.5 * r.double()).long())
+
+
+def test_ratio_is_floored_in_double() -> None:
+    # 0.29 * 100 == 28.999999999999996 in double: 28 swaps, not 29.
+    x = torch.arange(200, dtype=torch.float32)[None]
+    mask = torch.arange(200)[None] < 100  # the 100 worst kept, the 100 best pruned: R = 100
+    assert int(_beneficial_pairs(x, mask)[0]) == 100
+    assert int((ref.rebuild_mask(x, mask, 0.29) & ~mask).sum()) == 28
+    if _native.available():
+        assert torch.equal(ops.rebuild_mask(x, mask, 0.29, backend="native"), ref.rebuild_mask(x, mask, 0.29))
+
+
+# --- torch.library integration ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", devices())
+def test_opcheck(native, device: str) -> None:
+    ops.topk_mask(torch.zeros(1, 1), 0)  # registers the fake kernels
+    x = torch.randn(6, 16, device=device)
+    mask = ref.nm_mask(x, 2, 4)
+    torch.library.opcheck(torch.ops.barber.topk_mask.default, (x, 5))
+    torch.library.opcheck(torch.ops.barber.nm_mask.default, (x.bfloat16(), 2, 4))
+    torch.library.opcheck(torch.ops.barber.rebuild_mask.default, (x.half(), x > 0, 0.5, 0))
+    torch.library.opcheck(torch.ops.barber.rebuild_mask.default, (x, mask, 0.25, 4))
+
+
+def test_compile_fullgraph(native) -> None:
+    def prune(scores: torch.Tensor) -> torch.Tensor:
+        mask = ops.topk_mask(scores, 8)
+        return ops.rebuild_mask(scores, mask, 0.5) & ops.nm_mask(scores, 2, 4)
+
+    x = torch.randn(4, 16)
+    compiled = torch.compile(prune, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x), prune(x))
+
+
+def test_auto_falls_back_to_reference_without_native(monkeypatch) -> None:
+    monkeypatch.setattr(ops, "_mask_devices", "")
+    x = torch.randn(3, 8)
+    assert torch.equal(ops.topk_mask(x, 3), ref.topk_mask(x, 3))
+    with pytest.raises(RuntimeError, match="backend='native' but the barber._C extension is not available"):
+        ops.topk_mask(x, 3, backend="native")
