@@ -271,3 +271,42 @@ def test_budget_lowers_the_micro_batch_and_the_run_still_prunes(tmp_path, monkey
     report = prune_checkpoint(ckpt, tmp_path / "o", PruneSettings(), ids, progress=False, budget=budget)
     assert report["memory"]["plan"]["micro_batch"] == 2
     assert report["sparsity"] == pytest.approx(0.5)
+
+
+def test_cli_passes_budgets_placement_and_prefetch_through(tmp_path, capsys):
+    import json
+
+    src = make_tiny_checkpoint(tmp_path, "qwen2")
+    out = tmp_path / "o"
+    rc = stream_main(["--ckpt", str(src), "--out", str(out), "--nsamples", "3", "--seqlen", "16", "--calib",
+                      str(_text(tmp_path)), "--no-progress", "--max-cpu-memory", "8GiB", "--hidden-states", "disk",
+                      "--no-prefetch", "--batch-size", "2"])
+    assert rc == 0, capsys.readouterr().err
+    plan = json.loads((out / REPORT_NAME).read_text())["memory"]["plan"]
+    assert (plan["hidden_placement"], plan["prefetch"], plan["micro_batch"]) == ("disk", False, 2)
+    assert plan["cpu_budget"] == 8 * GiB
+
+
+def test_a_state_from_elsewhere_is_adopted_into_the_planned_buffer(tmp_path):
+    """A resumed state's hidden states (a plain tensor) move into the plan's placement; same results."""
+    from barber.pipeline import Pruner
+
+    ckpt = Checkpoint.open(make_tiny_checkpoint(tmp_path, "llama", layers=2))
+    ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))
+    settings = PruneSettings(batch_size=2, ratio=0.3)
+
+    def run_all(pruner, state):
+        written = {}
+        while state.next_block < ckpt.num_layers:
+            state = pruner.run_block(state, lambda i, w: written.update({(i, k): v.clone() for k, v in w.items()}))
+        return written, state.hidden.clone()
+
+    ref, ref_hidden = run_all(p := Pruner(ckpt, settings, progress=False), p.start(ids))
+    start = Pruner(ckpt, settings, progress=False).start(ids)
+    state = type(start)(start.next_block, start.hidden.clone(), [])
+    disk = Pruner(ckpt, settings, progress=False, budget=MemoryBudget(hidden="disk"), work_dir=tmp_path / "w")
+    got, got_hidden = run_all(disk, state)
+    assert disk.plan.hidden_placement == "disk"
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    assert torch.equal(ref_hidden, got_hidden)
+    assert not list((tmp_path / "w").glob("*.bin"))  # files removed after the last block
