@@ -23,14 +23,7 @@
 
 #include <cstdint>
 
-#ifndef BARBER_HOST_DEVICE
-// Local fallback; csrc/core/macros.h holds the project-wide definition (same tokens).
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define BARBER_HOST_DEVICE __host__ __device__
-#else
-#define BARBER_HOST_DEVICE
-#endif
-#endif
+#include "core/macros.h"
 
 namespace barber {
 namespace pack24 {
