@@ -51,7 +51,7 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     use_cuda, reason = _cuda_decision()
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unused-function"]
+    cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-function"]
     include_dirs = [os.path.abspath("csrc")]
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -62,7 +62,7 @@ def _extensions():
             CPU_SOURCES + CUDA_SOURCES,
             include_dirs=include_dirs,
             define_macros=define,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
             extra_link_args=["-fopenmp"],
         )
         print(f"barber build: CPU + CUDA ({reason}; arch {os.environ['TORCH_CUDA_ARCH_LIST']})")

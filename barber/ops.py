@@ -146,9 +146,6 @@ def _register_mask_fakes() -> None:
             lambda: f"barber::{op}: expected scores of dtype float32, float16 or bfloat16, got {scores.dtype}",
         )
 
-    # NOTE (packing engineer): this file was accidentally truncated at 23:46 UTC while it held
-    # your uncommitted mask section; everything above is restored verbatim from a diff I had
-    # printed, the three fakes below are a reconstruction: please check them against yours.
     @torch.library.register_fake("barber::topk_mask")
     def _(scores: torch.Tensor, k: int) -> torch.Tensor:
         check_scores("topk_mask", scores)
