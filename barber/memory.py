@@ -207,9 +207,11 @@ def _block_bytes(sh: ModelShapes, compute_bytes: int, sparsegpt: bool, micro_bat
         sub = sum(numel[n] for n in names)
         big = max(numel[n] for n in names)
         copies = 0 if c == 4 else 2 * 4 * sub  # float32 dense and sparse copies
-        chunk = min(max(GRAD_CHUNK_BYTES, 4 * big), micro_batch * 4 * big) + 4 * big  # per-sample gradients, their sum
+        step = min(max(1, GRAD_CHUNK_BYTES // (4 * big)), micro_batch)  # samples of per-sample gradients at once
+        chunk = step * 4 * big + (4 * big if step > 1 else 0)  # the squared gradients and their sum over samples
         gradient = max(gradient, copies + 4 * sub + chunk - freed)
-        rebuild = max(rebuild, 4 * sub + sub + 3 * 4 * big - freed)  # scores (A dropped as scored), new masks, scratch
+        # Scores (A dropped as scored), new masks and scoring scratch, less the masked weights dropped meanwhile.
+        rebuild = max(rebuild, 4 * sub + sub + 3 * 4 * big - freed - sub * c)
         freed += sub * c * (2 if sparsegpt else 1)
     return {"block_resident": resident, "select": select, "gradient_pass": gradient, "rebuild": rebuild}
 

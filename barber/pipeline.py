@@ -190,8 +190,8 @@ def _per_sample_grad_sq(
         xin = xin.reshape(xin.shape[0], -1, xin.shape[-1])  # [B, T, in]
         step = max(1, chunk_bytes // (grad_sq[n].numel() * 4))
         for b in range(0, x.shape[0], step):
-            g = torch.bmm(delta_t[b : b + step], xin[b : b + step])  # per-sample weight gradients
-            grad_sq[n].add_(g.square_().sum(0))
+            g = torch.bmm(delta_t[b : b + step], xin[b : b + step]).square_()  # squared per-sample gradients
+            grad_sq[n].add_(g[0] if g.shape[0] == 1 else g.sum(0))  # a sum over one sample is that sample, exactly
     return y.detach(), losses.detach()
 
 
@@ -487,6 +487,8 @@ class Pruner:
             bar.update(c.stop - c.start)
         bar.close()
         del dense32, sparse32
+        for n in names:  # the masked weights are rebuilt below; dropping them now bounds the rebuild's peak
+            del weights[n + ".weight"]
         times["gradient"] = time.perf_counter() - t0
 
         # Rebuild: score every weight, swap within the chosen groups, re-apply the masks.
