@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -274,8 +275,6 @@ class Pruner:
         s, plan = self.settings, self.plan_for(shape[0], shape[1])
         path = None
         if plan.hidden_placement == "disk":
-            import tempfile
-
             root = self.work_dir if self.work_dir is not None else Path(tempfile.gettempdir())
             path = root / f"{name}-{id(self):x}.bin"
         return HiddenBuffer.allocate(shape, s.dtype, plan.hidden_placement, s.device, path)
