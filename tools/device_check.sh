@@ -7,8 +7,8 @@
 #     run(command="bash tools/device_check.sh", timeout_s=600)
 #
 # Steps, in this order, each bounded so the whole run ends by BUDGET_S seconds (default 560):
-#   build   a venv with --system-site-packages (so it uses the machine's torch), then
-#           `pip install --no-build-isolation --no-deps -e .` (CUDA kernels for this GPU's arch)
+#   build   `python setup.py build_ext --inplace` with the machine's python and torch (CUDA kernels for
+#           this GPU's arch only), under flock /tmp/barber-build.lock where flock exists
 #   tests   pytest of the native ops (tests/test_mask_ops.py, tests/test_pack_ops.py: CPU and CUDA),
 #           the CUDA perplexity test (tests/test_eval.py -k cuda) and tests/test_memory.py
 #   stream  tools/bench_stream.py: LLaMA-13B-shaped synthetic checkpoints of 2 and 4 blocks, 128 x 2048
@@ -123,23 +123,23 @@ cat "$OUT/env.txt"
 
 # ---- build ---------------------------------------------------------------------------------------
 build() {
-    local venv="$WORK/venv"
-    "$PYTHON" -m venv --system-site-packages "$venv" || return 1
+    # In place, with this machine's python and torch (a venv made from a venv's python would not see the
+    # parent venv's torch, and the image's python3 is one); tests and benchmarks then import ./barber.
     local arch=""
     if [ "$MODE" = cuda ]; then
-        arch=$("$venv/bin/python" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())') || return 1
+        arch=$("$PYTHON" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())') || return 1
     fi
     local lock=()
     command -v flock >/dev/null && lock=(flock /tmp/barber-build.lock)
     env MAX_JOBS="${MAX_JOBS:-$(nproc)}" ${arch:+TORCH_CUDA_ARCH_LIST="$arch"} \
         $([ "$MODE" = cpu ] && echo BARBER_NO_CUDA=1) \
-        "${lock[@]}" "$venv/bin/python" -m pip install -q --no-build-isolation --no-deps -e . || return 1
-    "$venv/bin/python" -c 'from barber import _native; print("native ops:", _native.available(), _native.build_info())'
+        "${lock[@]}" "$PYTHON" setup.py -q build_ext --inplace || return 1
+    "$PYTHON" -c 'from barber import _native; print("native ops:", _native.available(), _native.build_info())'
 }
 if wants build; then
     step build 240 build
-    [ -x "$WORK/venv/bin/python" ] && PYTHON="$WORK/venv/bin/python" && export PYTHON
 fi
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 "$PYTHON" -c 'import barber' 2>/dev/null || { note "barber does not import with $PYTHON; stopping"; echo "import: FAILED" >>"$SUMMARY"; exit 1; }
 
 # ---- tests ---------------------------------------------------------------------------------------
