@@ -493,6 +493,27 @@ class BlockPrefetcher:
             pool.shutdown(wait=True)
 
 
+_LIBC: list = []  # the loaded C library, once (or None where there is none to load)
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc `malloc_trim`); a no-op elsewhere.
+
+    Tensors of a few MB (activations of short sequences) live on the heap, and the holes they leave
+    stay resident; trimming at block boundaries keeps that from growing with depth.
+    """
+    if not _LIBC:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL("libc.so.6")
+            _LIBC.append(libc if hasattr(libc, "malloc_trim") else None)
+        except OSError:
+            _LIBC.append(None)
+    if _LIBC[0] is not None:
+        _LIBC[0].malloc_trim(0)
+
+
 def _status_bytes(key: str) -> int | None:
     try:
         with open("/proc/self/status") as f:

@@ -63,6 +63,7 @@ from barber.memory import (
     model_shapes,
     peak_rss,
     plan_memory,
+    release_free_memory,
 )
 from barber.model import Arch, Positions
 from barber.prune import Granularity, InitMethod, Metric, Pattern
@@ -321,6 +322,8 @@ class Pruner:
         for c in _chunks(calib_ids.shape[0], plan.micro_batch):
             hidden.put(c, self.arch.embed(calib_ids[c].to(s.device), w))
         self._hidden = hidden
+        del w
+        release_free_memory()
         return BlockState(0, hidden.tensor)
 
     def _read_block(self, i: int) -> dict[str, torch.Tensor]:
@@ -344,6 +347,8 @@ class Pruner:
         times["read"] = time.perf_counter() - t0
         with _matmul_precision(s.device, s.allow_tf32):
             report = self._prune_block(i, dense, hidden, pos, write, times)
+        del dense
+        release_free_memory()
         if i + 1 >= self.ckpt.num_layers:
             tensor = hidden.tensor
             self.release()
