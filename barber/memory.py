@@ -62,6 +62,9 @@ ACTIVATION_SLACK = 1.25
 #: workspaces, libraries loaded after the plan. At LLaMA-13B width on a CPU (4 x 128 tokens, float32)
 #: the peak RSS of 2-8 blocks was 1.06-1.16 x the unscaled estimate (three runs, a shared machine).
 OVERHEAD = 1.20
+#: The same for GPU memory: max_memory_allocated counts live tensors only (no fragmentation), so a
+#: smaller margin for kernel workspaces (cuBLAS, attention). Not measured yet.
+GPU_OVERHEAD = 1.05
 
 PLACEMENTS = ("device", "pinned", "disk")
 
@@ -314,7 +317,7 @@ def plan_memory(
             **block,
         }
         if on_gpu:
-            est["peak_gpu"] = CUDA_CONTEXT_BYTES + int(OVERHEAD * max(compute, start))
+            est["peak_gpu"] = CUDA_CONTEXT_BYTES + int(GPU_OVERHEAD * max(compute, start))
             est["peak_cpu"] = base_rss + int(OVERHEAD * (prefetch_bytes + host_hidden + sh.block_stored_bytes))
         else:
             est["peak_cpu"] = base_rss + int(OVERHEAD * (prefetch_bytes + host_hidden + max(compute, start)))
