@@ -28,6 +28,9 @@ from barber.model import Arch, Positions, Weights
 
 log = logging.getLogger(__name__)
 
+#: Positions per call of the output head in `perplexity` (bounds the [tokens, vocab] logits).
+LOGIT_CHUNK = 128
+
 
 @dataclass(frozen=True)
 class PerplexityResult:
@@ -158,14 +161,18 @@ def perplexity(
 
     fw = ckpt.final_weights(dtype, device)
     losses = []
-    for s in range(0, n, batch_size):
-        logits = arch.final_logits(hidden[s : s + batch_size], fw)
-        targets = windows[s : s + batch_size, 1:].to(device)
-        # Rows of [tokens, vocab], as transformers computes it: on this layout torch's CPU log-softmax is
-        # accurate, while the [B, vocab, T] layout was measured 1e-4 off for a 49k vocabulary.
-        flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-        ce = F.cross_entropy(flat, targets.reshape(-1), reduction="none").view(targets.shape).mean(dim=1)
-        losses.append(ce.double().cpu())
+    for w in range(n):
+        targets = windows[w, 1:].to(device)
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        # The head runs on LOGIT_CHUNK positions at a time: logits of a whole window ([T, vocab] in
+        # float32, 100 MB for 512 tokens of a 49k vocabulary) would dominate the evaluation's memory.
+        for t in range(0, seqlen - 1, LOGIT_CHUNK):
+            logits = arch.final_logits(hidden[w : w + 1, t : min(t + LOGIT_CHUNK, seqlen - 1)], fw)[0]
+            # Rows of [tokens, vocab], as transformers computes it: on this layout torch's CPU log-softmax
+            # is accurate, while the [B, vocab, T] layout was measured 1e-4 off for a 49k vocabulary.
+            ce = F.cross_entropy(logits.float(), targets[t : t + logits.shape[0]], reduction="none")
+            total += ce.double().sum()
+        losses.append((total / (seqlen - 1)).cpu().reshape(1))
     del fw, hidden
     nll = float(torch.cat(losses).mean())
     settings = {

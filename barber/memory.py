@@ -45,7 +45,7 @@ from barber.errors import BarberError
 log = logging.getLogger(__name__)
 
 #: Tokens per forward/backward call when the micro-batch is automatic, by device type.
-AUTO_BATCH_TOKENS = {"cpu": 4096, "cuda": 8192}
+AUTO_BATCH_TOKENS = {"cpu": 1024, "cuda": 8192}
 #: Bound on the per-sample weight gradients held at once in the gradient pass (at least one sample).
 GRAD_CHUNK_BYTES = 256 * 2**20
 #: Share of the memory available at start that an automatic CPU budget takes.

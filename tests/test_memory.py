@@ -106,7 +106,7 @@ def plan(cpu=None, gpu=None, *, nsamples=128, seqlen=2048, device="cpu", dtype=t
 
 def test_generous_budget_keeps_everything_on_the_device_with_the_automatic_batch():
     p = plan(cpu=100 * GiB, nsamples=8, seqlen=128)
-    assert (p.hidden_placement, p.prefetch, p.micro_batch) == ("device", True, 8)  # 4096 // 128 = 32, capped at 8
+    assert (p.hidden_placement, p.prefetch, p.micro_batch) == ("device", True, 8)  # 1024 // 128 = 8
     assert p.cpu_budget_source == "given" and p.estimates["peak_cpu"] <= 100 * GiB
     assert p.estimates["hidden_states"] == 2 * 8 * 128 * D * 2
 
@@ -121,16 +121,21 @@ def test_asked_batch_size_is_an_upper_bound():
 
 
 def test_shrinking_budget_lowers_batch_then_drops_prefetch_then_goes_to_disk():
-    full = plan(cpu=1000 * GiB)
-    assert (full.hidden_placement, full.prefetch, full.micro_batch) == ("device", True, 2)  # 4096 // 2048
-    one = plan(cpu=full.estimates["peak_cpu"] - 1)
+    shape = dict(nsamples=512, seqlen=512)  # 1024 automatic CPU tokens = 2 samples
+    full = plan(cpu=1000 * GiB, **shape)
+    assert (full.hidden_placement, full.prefetch, full.micro_batch) == ("device", True, 2)
+    one = plan(cpu=full.estimates["peak_cpu"] - 1, **shape)
     assert (one.hidden_placement, one.prefetch, one.micro_batch) == ("device", True, 1)
-    no_prefetch = plan(cpu=one.estimates["peak_cpu"] - 1)
+    no_prefetch = plan(cpu=one.estimates["peak_cpu"] - 1, **shape)
     assert (no_prefetch.hidden_placement, no_prefetch.prefetch) == ("device", False)
-    disk = plan(cpu=no_prefetch.estimates["peak_cpu"] - 1)
+    smallest = no_prefetch
+    if smallest.micro_batch > 1:  # without prefetch the larger micro-batch may fit again
+        smallest = plan(cpu=no_prefetch.estimates["peak_cpu"] - 1, **shape)
+        assert (smallest.hidden_placement, smallest.prefetch, smallest.micro_batch) == ("device", False, 1)
+    disk = plan(cpu=smallest.estimates["peak_cpu"] - 1, **shape)
     assert disk.hidden_placement == "disk"
-    # 128 x 2048 tokens of bf16 hidden states (2 buffers, 5.4 GB) leave RSS when on disk.
-    lean = plan(cpu=no_prefetch.estimates["peak_cpu"], hidden="disk", prefetch=False, batch_size=1)
+    # 512 x 512 tokens of bf16 hidden states (2 buffers, 5.4 GB) leave RSS when on disk.
+    lean = plan(cpu=no_prefetch.estimates["peak_cpu"], hidden="disk", prefetch=False, batch_size=1, **shape)
     assert no_prefetch.estimates["peak_cpu"] - lean.estimates["peak_cpu"] > 4.5 * GiB
     for p in (full, one, no_prefetch, disk):
         assert p.estimates["peak_cpu"] <= p.cpu_budget
