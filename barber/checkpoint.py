@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 SINGLE_FILE = "model.safetensors"
+#: Bytes copied out of a mapped shard at a time by `Checkpoint.tensor`.
+READ_CHUNK = 16 * 2**20
 INDEX_FILE = "model.safetensors.index.json"
 
 #: `barber-stream` keeps its work (and resume state) in this directory of its output while running,
@@ -294,8 +296,13 @@ class Checkpoint:
                 mm = self._map(info.shard)
                 if info.end > len(mm):
                     raise CheckpointError(f"{self.path / info.shard}: file shrank since it was opened")
-                raw.numpy()[:] = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=info.start)
-                _drop_pages(mm, info.start, info.end)
+                dst = raw.numpy()
+                # Copy in pieces, dropping each piece's pages at once: the mapped file never holds
+                # more than READ_CHUNK bytes of this tensor in our RSS beside the copy.
+                for lo in range(0, nbytes, READ_CHUNK):
+                    hi = min(lo + READ_CHUNK, nbytes)
+                    dst[lo:hi] = np.frombuffer(mm, dtype=np.uint8, count=hi - lo, offset=info.start + lo)
+                    _drop_pages(mm, info.start + lo, info.start + hi)
         t = raw.view(info.dtype).reshape(info.shape)
         return t.to(device=device, dtype=dtype or info.dtype)
 

@@ -125,7 +125,8 @@ def _eval_body(argv: Sequence[str] | None) -> int:
         if tokenizer.bos_id is None:
             raise UsageError("--bos: the tokenizer has no BOS token")
         bos_id = tokenizer.bos_id
-    ids = tokenizer.encode(text)
+    needed = None if args.max_windows is None else args.max_windows * args.seqlen
+    ids = tokenizer.encode_prefix(text, needed)
     result = perplexity(
         ckpt, ids, seqlen=args.seqlen, max_windows=args.max_windows, device=device,
         dtype=getattr(torch, args.dtype), batch_size=args.batch_size, bos_id=bos_id,
@@ -459,8 +460,9 @@ def _stream_body(argv: Sequence[str] | None) -> int:
         calib, tokenizer.encode, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         vocab_size=ckpt.config.vocab_size,
     )
-    eval_ids = tokenizer.encode(read_text(args.eval)) if args.eval else None
     eval_seqlen = args.eval_seqlen or ids.shape[1]
+    eval_needed = None if args.eval_windows is None else args.eval_windows * eval_seqlen
+    eval_ids = tokenizer.encode_prefix(read_text(args.eval), eval_needed) if args.eval else None
     progress = not args.no_progress
 
     def measure(checkpoint):

@@ -12,6 +12,10 @@ from pathlib import Path
 from barber.errors import CheckpointError
 
 
+#: Ids encoded beyond what `Tokenizer.encode_prefix` returns, so the cut never affects them.
+PREFIX_MARGIN = 256
+
+
 class Tokenizer:
     """A loaded tokenizer.
 
@@ -35,6 +39,23 @@ class Tokenizer:
         if self.kind == "sentencepiece":
             return list(self._impl.encode(text))
         return self._impl.encode(text, add_special_tokens=False).ids
+
+    def encode_prefix(self, text: str, n_tokens: int | None) -> list[int]:
+        """The first `n_tokens` ids of `encode(text)` (all of them for None), without encoding all of it.
+
+        Tokenizing a whole multi-MB text costs hundreds of MB; an evaluation of a few windows needs
+        only its start. Prefixes of growing length are encoded until one yields `PREFIX_MARGIN` ids
+        more than needed: tokenization is local (pre-tokens never span far), so ids that far before
+        the cut are the same as in the whole text's encoding.
+        """
+        if n_tokens is None:
+            return self.encode(text)
+        chars = max(1024, 8 * n_tokens)
+        while True:
+            ids = self.encode(text[:chars])
+            if chars >= len(text) or len(ids) >= n_tokens + PREFIX_MARGIN:
+                return ids[:n_tokens]
+            chars *= 2
 
     def decode(self, ids: list[int]) -> str:
         """Text of `ids` (for messages and debugging)."""

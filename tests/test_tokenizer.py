@@ -91,3 +91,16 @@ def test_smollm2_tokenizer_matches_transformers():
     text = real_asset("wiki_text_path").read_text(encoding="utf-8")[:20000]
     assert tok.encode(text) == ref(text, add_special_tokens=False)["input_ids"]
     assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, 49152)
+
+
+@pytest.mark.slow
+def test_encode_prefix_equals_the_start_of_the_whole_encoding():
+    from barber.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(real_asset("smollm2_dir"))
+    text = real_asset("wiki_text_path").read_text(encoding="utf-8")[:400_000]
+    whole = tok.encode(text)
+    for n in (1, 500, 2048, 20_000):
+        assert tok.encode_prefix(text, n) == whole[:n]
+    assert tok.encode_prefix(text, None) == whole
+    assert tok.encode_prefix(text, 10 * len(whole)) == whole
