@@ -10,13 +10,15 @@ exists is complete. Every byte goes through `_write_bytes`, so tests can simulat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -99,6 +101,28 @@ def _write_tensor(f, tensor: torch.Tensor) -> None:
         _write_bytes(f, memoryview(chunk.numpy()))
 
 
+@contextlib.contextmanager
+def _atomic(path: Path, what: str) -> Iterator[BinaryIO]:
+    """Write `path` through a temporary file: yield it open, then fsync and rename it into place.
+
+    Any failure removes the temporary file; an OSError (disk full, permissions) becomes a one-line
+    OutputError that says `what` failed.
+    """
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{what}: {exc.strerror or exc}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_safetensors(path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None) -> int:
     """Write a safetensors file tensor by tensor (sorted by name); returns the data bytes.
 
@@ -106,66 +130,34 @@ def write_safetensors(path: Path, specs: list[TensorSpec], metadata: dict[str, s
     dtype and shape; it is written and released before the next is produced.
     """
     specs = sorted(specs, key=lambda s: s.name)
-    tmp = temporary_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            _write_bytes(f, _header(specs, metadata))
-            for spec in specs:
-                tensor = spec.produce()
-                if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-                    raise ValueError(
-                        f"{spec.name}: produced {tensor.dtype} {list(tensor.shape)}, "
-                        f"announced {spec.dtype} {list(spec.shape)}"
-                    )
-                _write_tensor(f, tensor)
-                del tensor
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with _atomic(path, f"cannot write {path}") as f:
+        _write_bytes(f, _header(specs, metadata))
+        for spec in specs:
+            tensor = spec.produce()
+            if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+                raise ValueError(
+                    f"{spec.name}: produced {tensor.dtype} {list(tensor.shape)}, "
+                    f"announced {spec.dtype} {list(spec.shape)}"
+                )
+            _write_tensor(f, tensor)
+            del tensor
     return sum(s.nbytes for s in specs)
 
 
 def write_json_atomic(path: Path, payload: object) -> None:
     """Write JSON to `path` through a temporary file, fsync and rename."""
-    tmp = temporary_path(path)
     data = (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode()
-    try:
-        with open(tmp, "wb") as f:
-            _write_bytes(f, data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with _atomic(path, f"cannot write {path}") as f:
+        _write_bytes(f, data)
 
 
 def copy_file_atomic(src: Path, dst: Path) -> None:
     """Copy `src` to `dst` (data and permission bits/times) through a temporary name, fsync and rename."""
-    tmp = temporary_path(dst)
-    try:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            while block := fin.read(CHUNK_BYTES):
-                _write_bytes(fout, block)
-            fout.flush()
-            os.fsync(fout.fileno())
-        shutil.copystat(src, tmp)
-        os.replace(tmp, dst)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot copy {src.name} to {dst.parent}: {exc.strerror or exc}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with _atomic(dst, f"cannot copy {src.name} to {dst.parent}") as fout, open(src, "rb") as fin:
+        while block := fin.read(CHUNK_BYTES):
+            _write_bytes(fout, block)
+        fout.flush()  # before copystat: a later write would change the copied times
+        shutil.copystat(src, fout.name)
 
 
 def copy_side_files(src: Path, dst: Path, skip: Collection[str] = ()) -> list[str]:
