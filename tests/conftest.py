@@ -23,3 +23,14 @@ def skip_or_fail(reason: str) -> None:
 def devices() -> list[str]:
     """Devices to run op tests on: cpu, plus cuda wherever a GPU exists."""
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: the same arithmetic as its single-threaded subprocesses, and no
+    spinning OpenMP threads on a busy machine (which makes tiny runs 50x slower).
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

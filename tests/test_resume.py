@@ -36,14 +36,7 @@ SIGTERM_POINT = "block-write:1/SIGTERM"  # SIGTERM while block 1 is being writte
 _MAIN = "import sys; from barber.cli import stream_main; sys.exit(stream_main())"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread here and in the subprocesses: the same arithmetic everywhere, and no spinning
-    OpenMP threads on a busy machine (which makes these tiny runs 50x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
