@@ -8,6 +8,10 @@ LLaMA-width rows, non-contiguous inputs and every score dtype.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -356,6 +360,38 @@ def test_compile_fullgraph(native) -> None:
     x = torch.randn(4, 16)
     compiled = torch.compile(prune, fullgraph=True, backend="eager")
     assert torch.equal(compiled(x), prune(x))
+
+
+def test_constant_marker_matches_torch() -> None:
+    """ops._constant_under_compile must mark a function exactly as torch's decorator does."""
+
+    def ours() -> None: ...
+
+    def theirs() -> None: ...
+
+    ops._constant_under_compile(ours)
+    torch.compiler.assume_constant_result(theirs)
+    assert vars(ours) == vars(theirs) == {"_dynamo_marked_constant": True}
+
+
+def test_import_is_light_and_first_call_may_be_compiled(native) -> None:
+    """Importing barber.ops does not import torch._dynamo, and the very first mask op call of a
+    process may happen under torch.compile(fullgraph=True) (the device probe runs eagerly)."""
+    script = textwrap.dedent(
+        """
+        import sys
+        import torch
+        import barber.ops as ops
+        assert "torch._dynamo" not in sys.modules, "barber.ops imported torch._dynamo"
+        assert ops._mask_devices is None
+        f = torch.compile(lambda s: ops.topk_mask(s, 3), fullgraph=True, backend="eager")
+        x = torch.randn(4, 8)
+        assert torch.equal(f(x), ops.reference.topk_mask(x, 3))
+        assert ops._mask_devices
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 def test_auto_falls_back_to_reference_without_native(monkeypatch) -> None:
