@@ -34,6 +34,7 @@ import mmap
 import os
 import re
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -384,6 +385,8 @@ class HiddenBuffer:
         self.path = path
         self._mapping = mapping
         self._row_bytes = tensor[0].numel() * tensor.element_size() if tensor.shape[0] else 0
+        self._map_offset = 0  # where the tensor starts in `mapping`
+        self._writable = True  # False for a mapped state file (map_file)
 
     @classmethod
     def allocate(cls, shape: tuple[int, ...], dtype: torch.dtype, placement: str, device: str | torch.device,
@@ -407,9 +410,54 @@ class HiddenBuffer:
         flat = torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes) if nbytes else torch.empty(0, dtype=torch.uint8)
         return cls(flat.view(dtype).view(shape), placement, device, path, mapping)
 
+    @classmethod
+    def map_file(cls, path: Path, offset: int, shape: tuple[int, ...], dtype: torch.dtype,
+                 device: str | torch.device = "cpu") -> "HiddenBuffer":
+        """A copy-on-write mapping of `shape` x `dtype` bytes at `offset` in the file `path`.
+
+        Nothing is read up front, and `get` drops the pages it read, as for a disk buffer; the
+        file is never written nor removed (`close` leaves it).
+
+        Raises:
+            OSError, ValueError: the file cannot be mapped or is shorter than the tensor.
+        """
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        device = torch.device(device)
+        if nbytes == 0:
+            return cls(torch.empty(shape, dtype=dtype), "pinned", device)
+        with open(path, "rb") as f:
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        if len(mapping) < offset + nbytes:
+            raise ValueError(f"{path} is shorter than the {nbytes} bytes at offset {offset}")
+        flat = torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=offset)
+        buf = cls(flat.view(dtype).view(shape), "disk", device, None, mapping)
+        buf._map_offset, buf._writable = offset, False
+        return buf
+
     @property
     def shape(self) -> torch.Size:
         return self.tensor.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tensor.dtype
+
+    def host_pieces(self, max_bytes: int = 64 * 1024 * 1024) -> Iterator[torch.Tensor]:
+        """The whole buffer as consecutive pieces along samples, each at most about `max_bytes`.
+
+        A disk buffer yields host copies and drops their pages, so streaming it to a file keeps
+        one piece in RSS; other buffers yield views (copied to the host by whoever writes them).
+        """
+        n = self.tensor.shape[0]
+        rows = max(1, max_bytes // self._row_bytes) if self._row_bytes else max(n, 1)
+        for start in range(0, n, rows):
+            c = slice(start, min(start + rows, n))
+            if self.placement == "disk":
+                piece = self.tensor[c].clone()
+                self._drop(c)
+                yield piece
+            else:
+                yield self.tensor[c]
 
     def get(self, rows: slice) -> torch.Tensor:
         """Samples `rows` on the compute device."""
@@ -423,6 +471,8 @@ class HiddenBuffer:
 
     def put(self, rows: slice, value: torch.Tensor) -> None:
         """Store `value` as samples `rows` (converted to the buffer's dtype)."""
+        if not self._writable:
+            raise RuntimeError("a mapped state file is read-only")
         self.tensor[rows] = value
         if self.placement == "disk":
             self._drop(rows)
@@ -432,7 +482,7 @@ class HiddenBuffer:
         start, stop, _ = rows.indices(self.tensor.shape[0])
         if stop <= start or self._mapping is None:
             return
-        lo, hi = start * self._row_bytes, stop * self._row_bytes
+        lo, hi = start * self._row_bytes + self._map_offset, stop * self._row_bytes + self._map_offset
         lo -= lo % mmap.PAGESIZE
         try:
             self._mapping.madvise(mmap.MADV_DONTNEED, lo, hi - lo)

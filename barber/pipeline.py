@@ -120,7 +120,7 @@ class BlockState:
     """The state between two blocks: what a resumed run needs to continue at `next_block`."""
 
     next_block: int
-    hidden: torch.Tensor  # [N, T, d], sparse trajectory entering block `next_block`
+    hidden: HiddenBuffer  # [N, T, d], sparse trajectory entering block `next_block`
     blocks: list[dict] = field(default_factory=list)  # per-block reports so far
 
 
@@ -280,17 +280,18 @@ class Pruner:
             path = root / f"{name}-{id(self):x}.bin"
         return HiddenBuffer.allocate(shape, s.dtype, plan.hidden_placement, s.device, path)
 
-    def _adopt(self, hidden: torch.Tensor) -> HiddenBuffer:
+    def _adopt(self, hidden: HiddenBuffer) -> HiddenBuffer:
         """The planned buffer holding `hidden` (a state from `start`, a previous block or a resume)."""
-        if self._hidden is not None and hidden is self._hidden.tensor:
-            return self._hidden
+        if hidden is self._hidden:
+            return hidden
         s, plan = self.settings, self.plan_for(hidden.shape[0], hidden.shape[1])
-        if plan.hidden_placement == "device" and _on(hidden, s.device) and hidden.dtype == s.dtype:
-            self._hidden = HiddenBuffer(hidden, "device", torch.device(s.device))
+        t = hidden.tensor
+        if plan.hidden_placement == "device" and hidden.placement == "device" and _on(t, s.device) and t.dtype == s.dtype:
+            self._hidden = HiddenBuffer(t, "device", torch.device(s.device))
         else:
             self._hidden = self._buffer("hidden", tuple(hidden.shape))
             for c in _chunks(hidden.shape[0], plan.micro_batch):
-                self._hidden.put(c, hidden[c])
+                self._hidden.put(c, hidden.get(c))
         return self._hidden
 
     def release(self) -> None:
@@ -324,7 +325,7 @@ class Pruner:
         self._hidden = hidden
         del w
         release_free_memory()
-        return BlockState(0, hidden.tensor)
+        return BlockState(0, hidden)
 
     def _read_block(self, i: int) -> dict[str, torch.Tensor]:
         """Block i's tensors in the compute dtype on the device, and start reading block i + 1."""
@@ -350,10 +351,8 @@ class Pruner:
         del dense
         release_free_memory()
         if i + 1 >= self.ckpt.num_layers:
-            tensor = hidden.tensor
-            self.release()
-            return BlockState(i + 1, tensor, state.blocks + [report])
-        return BlockState(i + 1, hidden.tensor, state.blocks + [report])
+            self.release()  # a disk buffer's file goes; its mapping stays valid while `hidden` lives
+        return BlockState(i + 1, hidden, state.blocks + [report])
 
     def _prune_block(
         self,

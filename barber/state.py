@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 from barber import __version__
 from barber.checkpoint import INDEX_FILE, MAX_HEADER_BYTES, Checkpoint, TensorInfo, read_safetensors_header
 from barber.errors import BarberError, CheckpointError
+from barber.memory import HiddenBuffer
 from barber.writer import TensorSpec, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -175,15 +175,15 @@ def save_state(
     next_block: int,
     num_blocks: int,
     blocks: list[dict],
-    hidden: torch.Tensor | None,
+    hidden: HiddenBuffer | None,
     fp: Fingerprint,
     extra: dict | None = None,
 ) -> int:
     """Atomically replace the state file at `path`; returns the bytes of tensor data written.
 
-    `hidden` is streamed to the file in chunks (a GPU tensor is never copied whole to the host);
-    None stores an empty tensor. The torch random state of the CPU (and of the current GPU, if any
-    is initialised) is saved with it.
+    `hidden` is streamed to the file in pieces (a GPU buffer is never copied whole to the host, a
+    disk buffer never mapped whole into RSS); None stores an empty tensor. The torch random state
+    of the CPU (and of the current GPU, if any is initialised) is saved with it.
     """
     meta = {
         "format": STATE_FORMAT,
@@ -194,11 +194,11 @@ def save_state(
         "extra": extra or {},
     }
     if hidden is None:
-        hidden = torch.empty(0)
+        hidden = HiddenBuffer(torch.empty(0), "pinned", torch.device("cpu"))
     rng = {"rng_cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["rng_cuda"] = torch.cuda.get_rng_state()
-    specs = [TensorSpec("hidden", hidden.dtype, tuple(hidden.shape), lambda: hidden)]
+    specs = [TensorSpec("hidden", hidden.dtype, tuple(hidden.shape), hidden.host_pieces)]
     specs += [TensorSpec(k, v.dtype, tuple(v.shape), lambda v=v: v) for k, v in rng.items()]
     return write_safetensors(path, specs, {_META_KEY: json.dumps(meta, sort_keys=True)})
 
@@ -257,28 +257,21 @@ def load_state(path: Path) -> SavedState:
     return SavedState(path, next_block, num_blocks, blocks, fp, extra, infos, rng)
 
 
-def load_hidden(saved: SavedState, device: str | torch.device | None) -> torch.Tensor:
+def load_hidden(saved: SavedState, device: str | torch.device | None) -> HiddenBuffer:
     """The saved hidden states, bit-exact: read onto `device`, or (None) a copy-on-write file mapping.
 
-    The mapping reads nothing up front: pages come in as the pruner copies the states into
-    its own buffer, and are clean file pages the kernel can drop again.
+    The mapping reads nothing up front: pages come in as the pruner copies the states into its
+    own buffer, one micro-batch at a time, and are dropped again after each.
     """
     info = saved.infos["hidden"]
     if device is None:
-        if info.end == info.start:
-            return torch.empty(info.shape, dtype=info.dtype)
         try:
-            with open(saved.path, "rb") as f:
-                mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            return HiddenBuffer.map_file(saved.path, info.start, info.shape, info.dtype)
         except (OSError, ValueError) as exc:
             raise StateError(f"{saved.path}: cannot map: {exc}") from None
-        if len(mapping) < info.end:
-            raise StateError(f"{saved.path}: truncated")
-        flat = torch.frombuffer(mapping, dtype=torch.uint8, count=info.end - info.start, offset=info.start)
-        return flat.view(info.dtype).view(info.shape)
     hidden = torch.empty(info.shape, dtype=info.dtype, device=device)
     _read(saved.path, info, hidden)
-    return hidden
+    return HiddenBuffer(hidden, "device", torch.device(device))
 
 
 def _read(path: Path, info: TensorInfo, out: torch.Tensor) -> None:

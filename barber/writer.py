@@ -15,7 +15,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -57,7 +57,7 @@ class TensorSpec:
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    produce: Callable[[], torch.Tensor]
+    produce: Callable[[], torch.Tensor | Iterable[torch.Tensor]]  # the tensor, or its pieces along dim 0
 
     @property
     def nbytes(self) -> int:
@@ -126,21 +126,29 @@ def _atomic(path: Path, what: str) -> Iterator[BinaryIO]:
 def write_safetensors(path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None) -> int:
     """Write a safetensors file tensor by tensor (sorted by name); returns the data bytes.
 
-    Each `produce()` is called once, in order, and must return a tensor of the announced
-    dtype and shape; it is written and released before the next is produced.
+    Each `produce()` is called once, in order, and returns either a tensor of the announced dtype
+    and shape or an iterable of pieces that concatenate along dim 0 to it (so that a large tensor
+    need never be whole in memory); each is written and released before the next is produced.
     """
     specs = sorted(specs, key=lambda s: s.name)
     with _atomic(path, f"cannot write {path}") as f:
         _write_bytes(f, _header(specs, metadata))
         for spec in specs:
-            tensor = spec.produce()
-            if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-                raise ValueError(
-                    f"{spec.name}: produced {tensor.dtype} {list(tensor.shape)}, "
-                    f"announced {spec.dtype} {list(spec.shape)}"
-                )
-            _write_tensor(f, tensor)
-            del tensor
+            produced = spec.produce()
+            pieces = [produced] if isinstance(produced, torch.Tensor) else produced
+            rows = 0
+            for piece in pieces:
+                if piece.dtype != spec.dtype or tuple(piece.shape[1:]) != spec.shape[1:] or piece.dim() != len(spec.shape):
+                    raise ValueError(
+                        f"{spec.name}: produced {piece.dtype} {list(piece.shape)}, "
+                        f"announced {spec.dtype} {list(spec.shape)}"
+                    )
+                rows += piece.shape[0] if spec.shape else 1
+                _write_tensor(f, piece)
+                del piece
+            if rows != (spec.shape[0] if spec.shape else 1):
+                raise ValueError(f"{spec.name}: produced {rows} rows, announced {list(spec.shape)}")
+            del produced, pieces
     return sum(s.nbytes for s in specs)
 
 

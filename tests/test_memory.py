@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,11 +16,13 @@ from barber.memory import (
     HiddenBuffer,
     MemoryBudget,
     ModelShapes,
+    current_rss,
     model_shapes,
     parse_bytes,
     plan_memory,
 )
 from barber.pipeline import PruneSettings
+from barber.state import Fingerprint, load_hidden, load_state, save_state
 from barber.prune import InitMethod
 from barber.run import REPORT_NAME, WORK_DIR, prune_checkpoint
 from helpers_models import make_tiny_checkpoint
@@ -201,6 +204,41 @@ def test_hidden_buffer_round_trip(tmp_path, placement):
         assert not (tmp_path / "h.bin").exists()
 
 
+def test_disk_states_are_saved_and_restored_without_mapping_them_whole(tmp_path):
+    """Saving a disk buffer to a state file, and reading it back into a disk buffer, stream it in
+    pieces: RSS grows by far less than the buffer (it grew by all of it when the writer read the
+    mapping whole), and the data come back bit-exact."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc to read RSS")
+    shape, step = (48, 1024, 1024), 4  # 192 MiB of float32, written and read 16 MiB at a time
+
+    def piece(i: int) -> torch.Tensor:
+        return torch.randn(step, 1024, 1024, generator=torch.Generator().manual_seed(i))
+
+    buf = HiddenBuffer.allocate(shape, torch.float32, "disk", "cpu", tmp_path / "h.bin")
+    for i in range(shape[0] // step):
+        buf.put(slice(step * i, step * (i + 1)), piece(i))
+    before = current_rss()
+    save_state(tmp_path / "state.safetensors", next_block=1, num_blocks=2, blocks=[{}], hidden=buf,
+               fp=Fingerprint("c", "d", "s", {}))
+    assert current_rss() - before < 48 * MiB, "saving mapped the disk buffer into RSS"
+    buf.close()
+
+    back = load_hidden(load_state(tmp_path / "state.safetensors"), None)
+    assert back.placement == "disk" and back.shape == shape
+    target = HiddenBuffer.allocate(shape, torch.float32, "disk", "cpu", tmp_path / "g.bin")
+    before = current_rss()
+    for i in range(shape[0] // step):
+        c = slice(step * i, step * (i + 1))
+        target.put(c, back.get(c))
+    assert current_rss() - before < 48 * MiB, "restoring mapped the state file into RSS"
+    for i in range(shape[0] // step):
+        assert torch.equal(target.get(slice(step * i, step * (i + 1))), piece(i))
+    with pytest.raises(RuntimeError, match="read-only"):
+        back.put(slice(0, 1), torch.zeros(1, 1024, 1024))
+    target.close()
+
+
 def test_prefetcher_reads_the_same_tensors(tmp_path):
     ckpt = Checkpoint.open(make_tiny_checkpoint(tmp_path, "llama", layers=3, dtype=torch.bfloat16))
     pre = BlockPrefetcher(ckpt)
@@ -296,7 +334,7 @@ def test_cli_passes_budgets_placement_and_prefetch_through(tmp_path, capsys):
 
 
 def test_a_state_from_elsewhere_is_adopted_into_the_planned_buffer(tmp_path):
-    """A resumed state's hidden states (a plain tensor) move into the plan's placement; same results."""
+    """A resumed state's hidden states (in host memory) move into the plan's placement; same results."""
     from barber.pipeline import Pruner
 
     ckpt = Checkpoint.open(make_tiny_checkpoint(tmp_path, "llama", layers=2))
@@ -307,11 +345,11 @@ def test_a_state_from_elsewhere_is_adopted_into_the_planned_buffer(tmp_path):
         written = {}
         while state.next_block < ckpt.num_layers:
             state = pruner.run_block(state, lambda i, w: written.update({(i, k): v.clone() for k, v in w.items()}))
-        return written, state.hidden.clone()
+        return written, state.hidden.tensor.clone()
 
     ref, ref_hidden = run_all(p := Pruner(ckpt, settings, progress=False), p.start(ids))
     start = Pruner(ckpt, settings, progress=False).start(ids)
-    state = type(start)(start.next_block, start.hidden.clone(), [])
+    state = type(start)(start.next_block, HiddenBuffer(start.hidden.tensor.clone(), "pinned", torch.device("cpu")), [])
     disk = Pruner(ckpt, settings, progress=False, budget=MemoryBudget(hidden="disk"), work_dir=tmp_path / "w")
     got, got_hidden = run_all(disk, state)
     assert disk.plan.hidden_placement == "disk"
