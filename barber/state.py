@@ -11,7 +11,7 @@ either the old state or the new one, never a mix. It holds:
   fingerprint of what the run was started with.
 
 The fingerprint hashes, separately, the checkpoint (config.json bytes, the index, every shard's
-name, size and safetensors header, not the tensor data), the calibration token ids (dtype, shape,
+name, size and safetensors header, and the first and last MiB of its tensor data), the calibration token ids (dtype, shape,
 bytes) and the settings (`PruneSettings.describe()` plus the barber version). A resumed run must
 match all three, and `Fingerprint.differences` says in words which one does not.
 """
@@ -38,6 +38,7 @@ STATE_NAME = "state.safetensors"
 STATE_FORMAT = 1
 _META_KEY = "barber_state"
 _CHUNK = 64 * 1024 * 1024  # bytes per read when restoring hidden states
+_SAMPLE_BYTES = 1024 * 1024  # bytes hashed at each end of every shard's data
 
 
 class StateError(BarberError):
@@ -79,7 +80,7 @@ class Fingerprint:
         """What differs between this (the new run) and `saved`, in words; empty when they match."""
         out = []
         if self.checkpoint != saved.checkpoint:
-            out.append("a different checkpoint (config.json or safetensors headers changed)")
+            out.append("a different checkpoint (config.json, safetensors headers or data changed)")
         if self.calibration != saved.calibration:
             out.append("different calibration data")
         if self.version != saved.version:
@@ -116,7 +117,8 @@ def raw_header(path: Path) -> bytes:
 
 
 def checkpoint_digest(ckpt: Checkpoint) -> str:
-    """sha256 of config.json, the index (if any), and every shard's name, size and header."""
+    """sha256 of config.json, the index (if any), and every shard's name, size, header and the first
+    and last MiB of its data (a sample: hashing every byte of a 26 GB checkpoint would take minutes)."""
     h = hashlib.sha256()
 
     def add(label: str, data: bytes) -> None:
@@ -128,9 +130,16 @@ def checkpoint_digest(ckpt: Checkpoint) -> str:
             add(INDEX_FILE, (ckpt.path / INDEX_FILE).read_bytes())
         for shard in ckpt.shard_files:
             path = ckpt.path / shard
+            size = path.stat().st_size
             add("shard", shard.encode())
-            add("size", str(path.stat().st_size).encode())
-            add("header", raw_header(path))
+            add("size", str(size).encode())
+            header = raw_header(path)
+            add("header", header)
+            with open(path, "rb") as f:  # a sample of the data: its first and last MiB
+                f.seek(len(header))
+                add("head", f.read(_SAMPLE_BYTES))
+                f.seek(max(len(header), size - _SAMPLE_BYTES))
+                add("tail", f.read(_SAMPLE_BYTES))
     except OSError as exc:
         raise CheckpointError(f"{ckpt.path}: cannot read: {exc.strerror or exc}") from None
     return h.hexdigest()

@@ -24,7 +24,7 @@ from barber.checkpoint import WORK_DIR, Checkpoint
 from barber.cli import eval_main, stream_main
 from barber.errors import CheckpointError
 from barber.run import KILL_ENV, REPORT_NAME
-from barber.state import STATE_NAME, load_state
+from barber.state import STATE_NAME, checkpoint_digest, load_state, raw_header
 from helpers_models import make_tiny_checkpoint
 
 BLOCKS = 4
@@ -197,6 +197,24 @@ def _changed_checkpoint(inputs, tmp_path) -> Path:
     config.write_text(config.read_text().replace('"rms_norm_eps": 1e-05', '"rms_norm_eps": 2e-05'))
     assert "2e-05" in config.read_text()
     return ckpt
+
+
+def test_checkpoint_digest_sees_the_data_ends_and_not_the_location(inputs, tmp_path):
+    """The checkpoint digest covers the first and last MiB of every shard's data: a changed byte
+    there changes it; a copy of the checkpoint elsewhere keeps it."""
+    original = checkpoint_digest(Checkpoint.open(inputs["ckpt"]))
+    copy = Path(shutil.copytree(inputs["ckpt"], tmp_path / "copy"))
+    assert checkpoint_digest(Checkpoint.open(copy)) == original
+    shard = copy / Checkpoint.open(copy).shard_files[0]
+    start = len(raw_header(shard))
+    for offset in (start, shard.stat().st_size - 1):  # first and last data byte
+        data = bytearray(shard.read_bytes())
+        data[offset] ^= 0x40
+        shard.write_bytes(bytes(data))
+        assert checkpoint_digest(Checkpoint.open(copy)) != original
+        data[offset] ^= 0x40
+        shard.write_bytes(bytes(data))
+        assert checkpoint_digest(Checkpoint.open(copy)) == original
 
 
 def test_fingerprint_mismatch_is_refused(inputs, reference, capsys, tmp_path, stopped_after_block_0):
