@@ -11,9 +11,10 @@ either the old state or the new one, never a mix. It holds:
   fingerprint of what the run was started with.
 
 The fingerprint hashes, separately, the checkpoint (config.json bytes, the index, every shard's
-name, size and safetensors header, and the first and last MiB of its tensor data), the calibration token ids (dtype, shape,
-bytes) and the settings (`PruneSettings.describe()` plus the barber version). A resumed run must
-match all three, and `Fingerprint.differences` says in words which one does not.
+name, size and safetensors header, and the first and last MiB of its tensor data), the calibration
+token ids (dtype, shape, bytes) and the settings (`PruneSettings.describe()` plus the barber
+version). A resumed run must match all three, and `Fingerprint.differences` says in words which
+one does not.
 """
 
 from __future__ import annotations
