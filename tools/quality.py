@@ -8,7 +8,8 @@ cached per configuration in the JSON file, so an interrupted run continues where
 
     .venv/bin/python tools/quality.py                       # the main table (dense + 18 runs)
     .venv/bin/python tools/quality.py --set sweep           # rebuild settings on Wanda 50%
-    .venv/bin/python tools/quality.py --only wanda          # configurations whose name contains "wanda"
+    .venv/bin/python tools/quality.py --only wanda          # configurations whose name matches a regex
+    .venv/bin/python tools/quality.py --only wanda --rerun  # the same, ignoring the cached results
 
 Writes `--json` (default runs/quality.json) and `--markdown` (default runs/quality.md).
 """
@@ -17,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,56 +42,173 @@ from barber.run import prune_checkpoint  # noqa: E402
 from barber.tokenizer import load_tokenizer  # noqa: E402
 
 PATTERNS = {"50%": Pattern(), "2:4": Pattern(2, 4), "4:8": Pattern(4, 8)}
+CALIB_SIZES = (16, 64, 128)  # calibration windows for the calibration-size axis of the sweep
+SEEDS = (1, 2)  # other calibration samplings, to see which differences are larger than the sampling's
 
 
-def main_table() -> dict[str, PruneSettings | None]:
+@dataclass(frozen=True)
+class Run:
+    """One configuration: pruning settings (None = the dense model) and, where they differ from
+    `--nsamples` and `--seed`, its own number of calibration windows and sampling seed."""
+
+    settings: PruneSettings | None
+    nsamples: int | None = None
+    seed: int | None = None
+
+
+def main_table() -> dict[str, Run]:
     """dense, then every initial method x pattern, without and with the rebuild (reference defaults)."""
-    runs: dict[str, PruneSettings | None] = {"dense": None}
+    runs: dict[str, Run] = {"dense": Run(None)}
     for label, pattern in PATTERNS.items():
         for init in InitMethod:
             ratio, granularity = default_rebuild(init, pattern)
             base = PruneSettings(sparsity=0.5, pattern=pattern, init=init, ratio=ratio, granularity=granularity)
-            runs[f"{init.value} {label}"] = replace(base, rebuild=False)
-            runs[f"{init.value} {label} + rebuild ({granularity.value}, a={ratio:g})"] = base
+            runs[f"{init.value} {label}"] = Run(replace(base, rebuild=False))
+            runs[f"{init.value} {label} + rebuild ({granularity.value}, a={ratio:g})"] = Run(base)
     return runs
 
 
-def sweep() -> dict[str, PruneSettings | None]:
-    """Rebuild settings on Wanda 50%: ratio, granularity and metric."""
+def sweep() -> dict[str, Run]:
+    """Rebuild settings on Wanda 50%: ratio x granularity, the metric, the calibration sampling and size."""
     base = PruneSettings(sparsity=0.5, init=InitMethod.WANDA)
-    runs: dict[str, PruneSettings | None] = {"wanda 50%": replace(base, rebuild=False)}
+    runs: dict[str, Run] = {"wanda 50%": Run(replace(base, rebuild=False))}
     for ratio in (0.01, 0.05, 0.1, 0.3):
         for granularity in Granularity:
-            runs[f"wanda 50% + rebuild ({granularity.value}, a={ratio:g})"] = replace(
-                base, ratio=ratio, granularity=granularity
+            runs[f"wanda 50% + rebuild ({granularity.value}, a={ratio:g})"] = Run(
+                replace(base, ratio=ratio, granularity=granularity)
             )
     for metric in Metric:
-        runs[f"wanda 50% + rebuild (row, a=0.1, metric {metric.value})"] = replace(
-            base, ratio=0.1, granularity=Granularity.ROW, metric=metric
+        runs[f"wanda 50% + rebuild (row, a=0.1, metric {metric.value})"] = Run(
+            replace(base, ratio=0.1, granularity=Granularity.ROW, metric=metric)
         )
+    for ratio in (0.01, 0.05, 0.3):
+        runs[f"wanda 50% + rebuild (row, a={ratio:g}, metric w)"] = Run(
+            replace(base, ratio=ratio, granularity=Granularity.ROW, metric=Metric.W)
+        )
+    for granularity in (Granularity.BLOCK, Granularity.LAYER, Granularity.COLUMN):
+        runs[f"wanda 50% + rebuild ({granularity.value}, a=0.1, metric w)"] = Run(
+            replace(base, ratio=0.1, granularity=granularity, metric=Metric.W)
+        )
+    for seed in SEEDS:  # how much of a difference is the sampling of the calibration windows?
+        runs[f"wanda 50%, seed {seed}"] = Run(replace(base, rebuild=False), seed=seed)
+        for granularity, ratio, metric in ((Granularity.ROW, 0.01, Metric.WG), (Granularity.COLUMN, 0.01, Metric.WG),
+                                           (Granularity.ROW, 0.05, Metric.W)):
+            runs[f"wanda 50% + rebuild ({granularity.value}, a={ratio:g}, metric {metric.value}), seed {seed}"] = Run(
+                replace(base, ratio=ratio, granularity=granularity, metric=metric), seed=seed
+            )
+    for n in CALIB_SIZES:
+        runs[f"wanda 50%, {n} calibration windows"] = Run(replace(base, rebuild=False), n)
+        for metric in (Metric.WG, Metric.W):
+            runs[f"wanda 50% + rebuild (row, a=0.1, metric {metric.value}), {n} calibration windows"] = Run(
+                replace(base, ratio=0.1, granularity=Granularity.ROW, metric=metric), n
+            )
     return runs
+
+
+def reconstruction_ratio(report: dict) -> float | None:
+    """Geometric mean over sub-blocks of the calibration reconstruction loss after the rebuild over
+    the loss before it (below 1: the rebuild fits the calibration data better)."""
+    logs = [
+        math.log(sb["loss_after"] / sb["loss_before"])
+        for block in report["blocks"] for sb in block["subblocks"]
+        if sb["loss_before"] > 0 and sb["loss_after"] > 0
+    ]
+    return math.exp(sum(logs) / len(logs)) if logs else None
 
 
 def markdown(results: dict, meta: dict) -> str:
-    lines = [
+    """Every configuration run, one row each."""
+    caption = (
         f"SmolLM2-135M, calibration: {meta['nsamples']} x {meta['seqlen']} tokens of {meta['calib_name']} "
         f"(seed {meta['seed']}); perplexity on {meta['eval_windows']} held-out windows of {meta['eval_seqlen']} "
-        f"tokens of {meta['eval_name']}, no BOS, {meta['dtype']} on {meta['device']}.",
-        "",
-        "| configuration | perplexity | swaps | prune time (s) |",
-        "|---|---|---|---|",
+        f"tokens of {meta['eval_name']}, no BOS, {meta['dtype']} on {meta['device']}."
+    )
+    header = ["configuration", "perplexity", "swaps", "calibration loss after / before the rebuild", "prune time (s)"]
+    rows = [
+        [
+            name, _ppl(r["ppl"]), "" if r.get("swaps") is None else str(r["swaps"]),
+            "" if r.get("recon_ratio") is None else f"{r['recon_ratio']:.4f}",
+            "" if r.get("seconds") is None else f"{r['seconds']:.0f}",
+        ]
+        for name, r in results.items()
     ]
-    for name, r in results.items():
-        swaps = "" if r.get("swaps") is None else str(r["swaps"])
-        secs = "" if r.get("seconds") is None else f"{r['seconds']:.0f}"
-        lines.append(f"| {name} | {r['ppl']:.2f} | {swaps} | {secs} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(_table(caption, header, rows))
+
+
+def grids(results: dict, meta: dict) -> str:
+    """The rebuild runs on the default calibration as ratio x granularity tables, one per metric and
+    initial method x pattern, next to the same mask without the rebuild."""
+    cells: dict[tuple[str, str], dict[tuple[float, str], float]] = {}
+    plain: dict[str, float] = {}
+    for r in results.values():
+        s = r.get("settings")
+        if not s or r.get("nsamples", meta["nsamples"]) != meta["nsamples"] or r.get("seed", meta["seed"]) != meta["seed"]:
+            continue
+        mask = _mask_and_rebuild(s)[0]
+        if not s["rebuild"]:
+            plain[mask] = r["ppl"]
+            continue
+        cells.setdefault((mask, s["metric"]), {})[s["ratio"], s["granularity"]] = r["ppl"]
+    out = []
+    for (mask, metric), table in cells.items():
+        ratios = sorted({k[0] for k in table})
+        grans = [g.value for g in Granularity if any(k[1] == g.value for k in table)]
+        if len(ratios) * len(grans) < 4:
+            continue
+        base = plain.get(mask)
+        out += _table(
+            f"{mask} + rebuild, metric {metric}: perplexity by ratio (rows) and granularity (columns)"
+            + (f"; without the rebuild {base:.2f}." if base is not None else "."),
+            ["a", *grans], [[f"{a:g}", *(_ppl(table.get((a, g))) for g in grans)] for a in ratios],
+        )
+    return "\n".join(out)
+
+
+def _ppl(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def _table(caption: str, header: list[str], rows: list[list[str]]) -> list[str]:
+    """A captioned markdown table, as lines (with a blank line after it)."""
+    lines = [caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows] + [""]
+
+
+def _mask_and_rebuild(s: dict) -> tuple[str, str]:
+    """(initial mask, rebuild) labels of a run's settings."""
+    mask = f"{s['init']} {s['sparsity'] * 100:g}%" if s["pattern"] == "unstructured" else f"{s['init']} {s['pattern']}"
+    rebuild = f"+ rebuild ({s['granularity']}, a={s['ratio']:g}, {s['metric']})" if s["rebuild"] else "no rebuild"
+    return mask, rebuild
+
+
+def axis_tables(results: dict, meta: dict) -> str:
+    """Runs that vary the number of calibration windows or their sampling seed, as tables: one row
+    per value (the default value included), one column per configuration."""
+    out = []
+    for key, title in (("nsamples", "calibration windows"), ("seed", "calibration seed")):
+        other = "seed" if key == "nsamples" else "nsamples"
+        varied = [r for r in results.values() if r.get("settings") and r.get(key, meta[key]) != meta[key]]
+        columns = list(dict.fromkeys(_mask_and_rebuild(r["settings"]) for r in varied))
+        if not columns:
+            continue
+        cells = {}
+        for r in results.values():
+            if r.get("settings") and r.get(other, meta[other]) == meta[other]:
+                cells[r.get(key, meta[key]), _mask_and_rebuild(r["settings"])] = r["ppl"]
+        values = sorted({v for v, _ in cells if any((v, c) in cells for c in columns)})
+        out += _table(
+            f"Perplexity by {title} ({title} {meta[key]} is the default of the other tables).",
+            [title, *(f"{m} {rb}" for m, rb in columns)],
+            [[str(v), *(_ppl(cells.get((v, c))) for c in columns)] for v in values],
+        )
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--set", choices=["main", "sweep"], default="main")
-    p.add_argument("--only", default=None, help="run only configurations whose name contains this")
+    p.add_argument("--only", default=None, help="run only configurations whose name matches this regular expression")
+    p.add_argument("--rerun", action="store_true", help="run the selected configurations again even if cached")
     p.add_argument("--ckpt", default=None, help="model (default: the fetched SmolLM2-135M)")
     p.add_argument("--calib", default=None, help="calibration text (default: Botchan)")
     p.add_argument("--eval", default=None, help="evaluation text (default: the Wikipedia excerpt)")
@@ -109,9 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     ckpt = Checkpoint.open(ckpt_dir)
     tok = load_tokenizer(ckpt_dir)
-    ids = load_calibration(
-        calib, tok.encode, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, vocab_size=ckpt.config.vocab_size
-    )
+    calib_ids: dict[tuple[int, int], torch.Tensor] = {}
+
+    def calibration(nsamples: int, seed: int) -> torch.Tensor:
+        if (nsamples, seed) not in calib_ids:
+            calib_ids[nsamples, seed] = load_calibration(
+                calib, tok.encode, nsamples=nsamples, seqlen=args.seqlen, seed=seed,
+                vocab_size=ckpt.config.vocab_size,
+            )
+        return calib_ids[nsamples, seed]
+
     eval_ids = tok.encode(eval_text.read_text(encoding="utf-8"))
     meta = {
         "model": str(ckpt_dir), "calib": str(calib), "calib_name": calib.name, "eval": str(eval_text),
@@ -131,32 +258,40 @@ def main(argv: list[str] | None = None) -> int:
         ).ppl
 
     runs = main_table() if args.set == "main" else sweep()
-    for name, settings in runs.items():
-        if args.only and args.only not in name:
+    for name, run in runs.items():
+        if args.only and not re.search(args.only, name):
             continue
-        if name in results:
+        if name in results and not args.rerun:
             print(f"{name}: {results[name]['ppl']:.2f} (cached)", flush=True)
             continue
         started = time.perf_counter()
-        if settings is None:
+        if run.settings is None:
             results[name] = {"ppl": evaluate(ckpt_dir)}
         else:
-            settings = replace(settings, device=args.device, dtype=dtype)
+            settings = replace(run.settings, device=args.device, dtype=dtype)
+            nsamples = run.nsamples or args.nsamples
+            seed = args.seed if run.seed is None else run.seed
             with tempfile.TemporaryDirectory(prefix="barber-quality-") as tmp:
                 out = Path(tmp) / "out"
-                report = prune_checkpoint(Checkpoint.open(ckpt_dir), out, settings, ids, progress=False)
+                report = prune_checkpoint(
+                    Checkpoint.open(ckpt_dir), out, settings, calibration(nsamples, seed), progress=False
+                )
                 results[name] = {
                     "ppl": evaluate(out),
                     "swaps": report["swaps"] if settings.rebuild else None,
                     "seconds": report["seconds"]["total"],
+                    "recon_ratio": reconstruction_ratio(report) if settings.rebuild else None,
+                    "nsamples": nsamples,
+                    "seed": seed,
                     "settings": settings.describe(),
                 }
                 shutil.rmtree(out, ignore_errors=True)
         print(f"{name}: {results[name]['ppl']:.2f} ({time.perf_counter() - started:.0f} s)", flush=True)
         json_path.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     ordered = {k: results[k] for k in runs if k in results}
-    Path(args.markdown).write_text(markdown(ordered, meta))
-    print(markdown(ordered, meta))
+    text = markdown(ordered, meta) + "\n" + grids(ordered, meta) + axis_tables(ordered, meta)
+    Path(args.markdown).write_text(text)
+    print(text)
     return 0
 
 
