@@ -279,7 +279,9 @@ def _stream_parser() -> ArgumentParser:
         "--granularity",
         choices=[e.value for e in Granularity],
         default=None,
-        help="rebuild group (default: wanda and N:M row, magnitude block, sparsegpt layer)",
+        help="rebuild group, whose kept count never changes: row (exact sparsity per row), column (per input "
+        "column), layer (per matrix) or block (per sub-block); rows may drift from the target sparsity with the "
+        "last three (default: wanda and N:M row, magnitude block, sparsegpt layer)",
     )
     m.add_argument("--metric", choices=[e.value for e in Metric], default="wg", help="rebuild score: |W|*sqrt(A), |W| or sqrt(A)")
     m.add_argument(
