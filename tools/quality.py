@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {results[name]['ppl']:.2f} ({time.perf_counter() - started:.0f} s)", flush=True)
         json_path.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     ordered = {k: results[k] for k in runs if k in results}
-    text = markdown(ordered, meta) + "\n" + grids(ordered, meta) + axis_tables(ordered, meta)
+    text = "\n".join([markdown(ordered, meta), grids(ordered, meta), axis_tables(ordered, meta)])
     Path(args.markdown).write_text(text)
     print(text)
     return 0
