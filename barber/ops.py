@@ -18,10 +18,9 @@ Backend = Literal["auto", "native", "torch"]
 
 build_info = _native.build_info
 
-# --- mask ops: topk_mask, nm_mask, rebuild_mask ------------------------------------
+# --- which device types have native kernels ------------------------------------------
 
-_mask_fakes_registered = False
-_mask_devices: str | None = None
+_devices: str | None = None  # comma-separated device types with native kernels; "" without the extension
 
 
 def _constant_under_compile(fn):
@@ -36,24 +35,26 @@ def _constant_under_compile(fn):
 
 
 @_constant_under_compile
-def _mask_native_devices() -> str:
-    """Comma-separated device types with native mask kernels ("" without the extension).
+def _native_devices() -> str:
+    """Comma-separated device types with native kernels ("" without the extension).
 
-    Decided once; registers the mask ops' fake kernels then. Runs eagerly even while
-    torch.compile traces a wrapper (so the wrapper's branch is a constant in the graph).
+    Decided once; registers every op's fake kernel then. Runs eagerly even while torch.compile
+    traces a wrapper (so the wrapper's branch is a constant in the graph). Raises when
+    BARBER_REQUIRE_NATIVE is set and the extension is missing.
     """
-    global _mask_devices
-    if _mask_devices is None:
+    global _devices
+    if _devices is None:
         if _native.available():
             _register_mask_fakes()
-            _mask_devices = "cpu,meta,cuda" if "cuda" in _native.build_info() else "cpu,meta"
+            _register_pack_fakes()
+            _devices = "cpu,meta,cuda" if "cuda" in _native.build_info() else "cpu,meta"
         else:
-            _mask_devices = ""
-    return _mask_devices
+            _devices = ""
+    return _devices
 
 
-def _mask_use_native(op: str, backend: Backend, device: torch.device) -> bool:
-    """Whether a mask op runs the native kernel for a tensor on `device`.
+def _use_native(op: str, backend: Backend, device: torch.device) -> bool:
+    """Whether op `op` runs the native kernel for a tensor on `device`.
 
     "auto" uses it when the extension is built with kernels for the device (otherwise the
     reference); "native" raises instead of falling back; "torch" never uses it.
@@ -62,7 +63,7 @@ def _mask_use_native(op: str, backend: Backend, device: torch.device) -> bool:
         return False
     if backend not in ("auto", "native"):
         raise ValueError(f"barber.ops.{op}: expected backend 'auto', 'native' or 'torch', got {backend!r}")
-    native_devices = _mask_native_devices()
+    native_devices = _native_devices()
     if device.type in native_devices.split(","):
         return True
     if backend == "native":
@@ -73,6 +74,9 @@ def _mask_use_native(op: str, backend: Backend, device: torch.device) -> bool:
             f"has no kernel for device {device.type}"
         )
     return False
+
+
+# --- mask ops: topk_mask, nm_mask, rebuild_mask ------------------------------------
 
 
 def topk_mask(scores: torch.Tensor, k: int, backend: Backend = "auto") -> torch.Tensor:
@@ -88,7 +92,7 @@ def topk_mask(scores: torch.Tensor, k: int, backend: Backend = "auto") -> torch.
         column ranks first (-0.0 equals +0.0). NaN raises; +-inf are ordinary values. Not
         differentiable.
     """
-    if _mask_use_native("topk_mask", backend, scores.device):
+    if _use_native("topk_mask", backend, scores.device):
         return torch.ops.barber.topk_mask(scores, k)
     return reference.topk_mask(scores, k)
 
@@ -105,7 +109,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int, backend: Backend = "auto") -> 
         bool [rows, cols] with exactly n True in every group; ties in a group go to the
         lower column. NaN raises.
     """
-    if _mask_use_native("nm_mask", backend, scores.device):
+    if _use_native("nm_mask", backend, scores.device):
         return torch.ops.barber.nm_mask(scores, n, m)
     return reference.nm_mask(scores, n, m)
 
@@ -131,7 +135,7 @@ def rebuild_mask(
         The rebuilt bool mask [rows, cols]. Ties follow the total order (lower column
         first). NaN scores, an invalid N:M mask or an overfull group raise.
     """
-    if _mask_use_native("rebuild_mask", backend, scores.device):
+    if _use_native("rebuild_mask", backend, scores.device):
         return torch.ops.barber.rebuild_mask(scores, mask, float(ratio), m)
     return reference.rebuild_mask(scores, mask, ratio, m)
 
@@ -142,10 +146,6 @@ def _register_mask_fakes() -> None:
     They need the op schemas, which only the loaded native library defines; the checks
     mirror csrc/checks.h for what is visible without values (NaN and N:M errors are not).
     """
-    global _mask_fakes_registered
-    if _mask_fakes_registered:
-        return
-    _mask_fakes_registered = True
 
     def check_scores(op: str, scores: torch.Tensor) -> None:
         torch._check(
@@ -177,38 +177,8 @@ def _register_mask_fakes() -> None:
         torch._check(mask.shape == scores.shape, lambda: "barber::rebuild_mask: expected mask of the shape of scores")
         return torch.empty_like(scores, dtype=torch.bool, memory_format=torch.contiguous_format)
 
+
 # --- packing ops: pack_24, unpack_24, pack_bitmask, unpack_bitmask -----------------
-
-_pack_fakes_registered = False
-# Device types with native packing kernels in this build (meta runs the fakes); set on first use.
-_pack_native_devices: tuple[str, ...] = ()
-
-
-def _pack_use_native(op: str, backend: Backend, device: torch.device) -> bool:
-    """Whether a packing op runs the native kernel for a tensor on `device`.
-
-    "auto" uses it when the extension is built with kernels for the device (otherwise the
-    reference); "native" raises instead of falling back; "torch" never uses it.
-    Registers the packing ops' fake kernels the first time the native library is used.
-    """
-    if backend == "torch":
-        return False
-    if backend not in ("auto", "native"):
-        raise ValueError(f"barber.ops.{op}: expected backend 'auto', 'native' or 'torch', got {backend!r}")
-    if not _native.available():
-        if backend == "native":
-            raise RuntimeError(f"barber.ops.{op}: backend='native' but the barber._C extension is not available")
-        return False
-    _register_pack_fakes()
-    if device.type not in _pack_native_devices:
-        if backend == "native":
-            raise RuntimeError(
-                f"barber.ops.{op}: backend='native' but the extension (built for {_native.build_info()}) "
-                f"has no kernel for device {device.type}"
-            )
-        return False
-    return True
-
 
 def pack_24(dense: torch.Tensor, backend: Backend = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """2:4 compression in PyTorch's CUTLASS (sm80) layout; see barber.reference.pack_24.
@@ -222,7 +192,7 @@ def pack_24(dense: torch.Tensor, backend: Backend = "auto") -> tuple[torch.Tenso
         [rows, cols/32] int32), bit-identical to torch's
         sparse_semi_structured_from_dense_cutlass. Raises on groups with 3 or 4 nonzeros.
     """
-    if _pack_use_native("pack_24", backend, dense.device):
+    if _use_native("pack_24", backend, dense.device):
         values, meta = torch.ops.barber.pack_24(dense)
         return values, meta
     return reference.pack_24(dense)
@@ -235,7 +205,7 @@ def unpack_24(values: torch.Tensor, meta: torch.Tensor, backend: Backend = "auto
         values: [rows, cols/2] float16, bfloat16 or int8.
         meta: [rows, cols/16] int16 (int8 values: [rows, cols/32] int32) from pack_24.
     """
-    if _pack_use_native("unpack_24", backend, values.device):
+    if _use_native("unpack_24", backend, values.device):
         return torch.ops.barber.unpack_24(values, meta)
     return reference.unpack_24(values, meta)
 
@@ -245,14 +215,14 @@ def pack_bitmask(mask: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:
 
     Same bytes as numpy.packbits(mask, axis=-1, bitorder="little"); padding bits are zero.
     """
-    if _pack_use_native("pack_bitmask", backend, mask.device):
+    if _use_native("pack_bitmask", backend, mask.device):
         return torch.ops.barber.pack_bitmask(mask)
     return reference.pack_bitmask(mask)
 
 
 def unpack_bitmask(bits: torch.Tensor, cols: int, backend: Backend = "auto") -> torch.Tensor:
     """uint8 bits [rows, ceil(cols/8)] -> bool mask [rows, cols]; padding bits are ignored."""
-    if _pack_use_native("unpack_bitmask", backend, bits.device):
+    if _use_native("unpack_bitmask", backend, bits.device):
         return torch.ops.barber.unpack_bitmask(bits, cols)
     return reference.unpack_bitmask(bits, cols)
 
@@ -263,11 +233,6 @@ def _register_pack_fakes() -> None:
     They need the op schemas, which only the loaded native library defines; the checks
     mirror csrc/pack_checks.h (shapes and dtypes only: values are not visible).
     """
-    global _pack_fakes_registered, _pack_native_devices
-    if _pack_fakes_registered:
-        return
-    _pack_fakes_registered = True
-    _pack_native_devices = ("cpu", "meta", "cuda") if "cuda" in _native.build_info() else ("cpu", "meta")
 
     def layout(dtype: torch.dtype) -> tuple[torch.dtype, int]:
         torch._check(dtype in (torch.float16, torch.bfloat16, torch.int8), lambda: f"unsupported dtype {dtype}")

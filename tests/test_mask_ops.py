@@ -383,11 +383,11 @@ def test_import_is_light_and_first_call_may_be_compiled(native) -> None:
         import torch
         import barber.ops as ops
         assert "torch._dynamo" not in sys.modules, "barber.ops imported torch._dynamo"
-        assert ops._mask_devices is None
+        assert ops._devices is None
         f = torch.compile(lambda s: ops.topk_mask(s, 3), fullgraph=True, backend="eager")
         x = torch.randn(4, 8)
         assert torch.equal(f(x), ops.reference.topk_mask(x, 3))
-        assert ops._mask_devices
+        assert ops._devices
         """
     )
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
@@ -395,8 +395,12 @@ def test_import_is_light_and_first_call_may_be_compiled(native) -> None:
 
 
 def test_auto_falls_back_to_reference_without_native(monkeypatch) -> None:
-    monkeypatch.setattr(ops, "_mask_devices", "")
+    monkeypatch.setattr(ops, "_devices", "")
     x = torch.randn(3, 8)
     assert torch.equal(ops.topk_mask(x, 3), ref.topk_mask(x, 3))
     with pytest.raises(RuntimeError, match="backend='native' but the barber._C extension is not available"):
         ops.topk_mask(x, 3, backend="native")
+    mask = ref.nm_mask(x, 2, 4)  # the packing ops decide with the same probe
+    assert torch.equal(ops.pack_bitmask(mask), ref.pack_bitmask(mask))
+    with pytest.raises(RuntimeError, match=r"ops.pack_bitmask: backend='native' but the barber._C extension is not"):
+        ops.pack_bitmask(mask, backend="native")
