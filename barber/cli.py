@@ -428,8 +428,11 @@ def _summary(blocks: int, settings, report: dict, out: Path) -> str:
     else:
         method += ", no rebuild"
     resumed = f" (resumed at block {report['resumed_at_block']})" if report.get("resumed_at_block") else ""
+    lo, hi = report.get("row_sparsity", [report["sparsity"]] * 2)
+    rows = f", rows {lo:.4f} to {hi:.4f}" if hi - lo > 1e-12 else ""
     return (
-        f"pruned {blocks} blocks{resumed} to sparsity {report['sparsity']:.4f} ({method}) in {report['seconds']['total']:.1f} s, "
+        f"pruned {blocks} blocks{resumed} to sparsity {report['sparsity']:.4f}{rows} ({method}) "
+        f"in {report['seconds']['total']:.1f} s, "
         f"peak RSS {report['peak_rss'] / 2**30:.2f} GiB -> {out}"
     )
 

@@ -207,6 +207,19 @@ def _on(tensor: torch.Tensor, device: str) -> bool:
     return want.index is None or tensor.device.index == want.index
 
 
+def _mask_stats(mask: torch.Tensor) -> dict:
+    """A kept mask's report entry: shape, kept count, sparsity, and the least and most sparse row
+    (equal after a row rebuild; column, layer and block rebuilds keep only their group's count)."""
+    rows, cols = mask.shape
+    per_row = mask.sum(dim=1)
+    return {
+        "shape": [rows, cols],
+        "kept": int(per_row.sum()),
+        "sparsity": 1 - mask.float().mean().item(),
+        "row_sparsity": [1 - int(per_row.max()) / cols, 1 - int(per_row.min()) / cols],
+    }
+
+
 def _chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
@@ -390,10 +403,7 @@ class Pruner:
         pruned = {n: weights[n + ".weight"] for n in self.family.linears}
         write(i, pruned)
         times["write"] = time.perf_counter() - t0
-        layers = {
-            n: {"shape": list(masks[n].shape), "kept": int(masks[n].sum()), "sparsity": 1 - masks[n].float().mean().item()}
-            for n in self.family.linears
-        }
+        layers = {n: _mask_stats(masks[n]) for n in self.family.linears}
         report = {"block": i, "layers": layers, "subblocks": subblocks, "seconds": times, "peak_rss": peak_rss()}
         if torch.device(s.device).type == "cuda":
             report["peak_gpu"] = torch.cuda.max_memory_allocated()

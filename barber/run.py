@@ -586,6 +586,7 @@ def build_report(
         for phase, value in b["seconds"].items():
             seconds[phase] = seconds.get(phase, 0.0) + value
     swaps = sum(sum(sb["swaps"].values()) for b in blocks for sb in b["subblocks"])
+    row_ranges = [layer.get("row_sparsity", [layer["sparsity"]] * 2) for b in blocks for layer in b["layers"].values()]
     return {
         "barber_version": __version__,
         "input": str(ckpt.path),
@@ -593,6 +594,7 @@ def build_report(
         "settings": settings.describe(),
         "calibration": {"nsamples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]), **extra.pop("calibration", {})},
         "sparsity": 1 - kept / numel if numel else 0.0,
+        "row_sparsity": [min(r[0] for r in row_ranges), max(r[1] for r in row_ranges)] if row_ranges else [0.0, 0.0],
         "swaps": swaps,
         "blocks": blocks,
         "seconds": seconds,

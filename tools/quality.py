@@ -281,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                     "swaps": report["swaps"] if settings.rebuild else None,
                     "seconds": report["seconds"]["total"],
                     "recon_ratio": reconstruction_ratio(report) if settings.rebuild else None,
+                    "row_sparsity": report["row_sparsity"],
                     "nsamples": nsamples,
                     "seed": seed,
                     "settings": settings.describe(),
