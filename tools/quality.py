@@ -77,7 +77,7 @@ def sweep() -> dict[str, Run]:
             runs[f"wanda 50% + rebuild ({granularity.value}, a={ratio:g})"] = Run(
                 replace(base, ratio=ratio, granularity=granularity)
             )
-    for metric in Metric:
+    for metric in (Metric.W, Metric.G):  # wg at row, a=0.1 is in the grid above
         runs[f"wanda 50% + rebuild (row, a=0.1, metric {metric.value})"] = Run(
             replace(base, ratio=0.1, granularity=Granularity.ROW, metric=metric)
         )
@@ -187,7 +187,10 @@ def axis_tables(results: dict, meta: dict) -> str:
     out = []
     for key, title in (("nsamples", "calibration windows"), ("seed", "calibration seed")):
         other = "seed" if key == "nsamples" else "nsamples"
-        varied = [r for r in results.values() if r.get("settings") and r.get(key, meta[key]) != meta[key]]
+        varied = [
+            r for r in results.values()
+            if r.get("settings") and r.get(key, meta[key]) != meta[key] and r.get(other, meta[other]) == meta[other]
+        ]
         columns = list(dict.fromkeys(_mask_and_rebuild(r["settings"]) for r in varied))
         if not columns:
             continue
