@@ -53,7 +53,8 @@ def test_every_sweep_configuration_is_distinct_and_named_after_its_settings():
         assert (f"seed {run.seed}" in name) == (run.seed is not None)
     assert sum(r.nsamples is not None for r in runs.values()) == 3 * len(quality.CALIB_SIZES)
     main = quality.main_table()
-    assert main["dense"].settings is None and len(main) == 19
+    assert main["dense"].settings is None and len(main) == 22
+    assert sum(r.settings.retain_reconstruction for r in main.values() if r.settings) == 3
 
 
 def test_grids_place_each_run_in_its_ratio_and_granularity_cell():
@@ -65,6 +66,7 @@ def test_grids_place_each_run_in_its_ratio_and_granularity_cell():
         "d": _result(54.0, ratio=0.01, granularity=Granularity.BLOCK),
         "other seed": _result(99.0, ratio=0.01, granularity=Granularity.COLUMN, seed=3),  # not in the grid
         "w": _result(40.0, ratio=0.1, granularity=Granularity.ROW, metric=Metric.W),  # one cell: no grid
+        "batch 16": _result(98.0, ratio=0.1, granularity=Granularity.ROW, batch_size=16),  # not in the grid
     }
     text = quality.grids(results, META)
     assert "wanda 50% + rebuild, metric wg" in text and "without the rebuild 50.00" in text
@@ -82,6 +84,8 @@ def test_axis_tables_compare_at_the_default_of_the_other_axis():
         "rb 16": _result(48.0, ratio=0.1, nsamples=16),
         "base seed 1": _result(52.0, rebuild=False, seed=1),
         "rb 16 seed 1": _result(1.0, ratio=0.1, nsamples=16, seed=1),  # varies both: in neither table
+        "rb batch 16": _result(2.0, ratio=0.1, batch_size=16),  # another micro-batch: in neither table
+        "rb 16 batch 16": _result(3.0, ratio=0.1, nsamples=16, batch_size=16),
     }
     text = quality.axis_tables(results, META)
     by_size = _rows(text, "Perplexity by calibration windows")

@@ -6,7 +6,7 @@ the Wikipedia excerpt), both fetched by tools/fetch_assets.py. Each configuratio
 streaming pruner into a temporary directory and evaluated with the streaming evaluator. Results are
 cached per configuration in the JSON file, so an interrupted run continues where it stopped.
 
-    .venv/bin/python tools/quality.py                       # the main table (dense + 18 runs)
+    .venv/bin/python tools/quality.py                       # the main table (dense + 21 runs)
     .venv/bin/python tools/quality.py --set sweep           # rebuild settings on Wanda 50%
     .venv/bin/python tools/quality.py --only wanda          # configurations whose name matches a regex
     .venv/bin/python tools/quality.py --only wanda --rerun  # the same, ignoring the cached results
@@ -65,6 +65,10 @@ def main_table() -> dict[str, Run]:
             base = PruneSettings(sparsity=0.5, pattern=pattern, init=init, ratio=ratio, granularity=granularity)
             runs[f"{init.value} {label}"] = Run(replace(base, rebuild=False))
             runs[f"{init.value} {label} + rebuild ({granularity.value}, a={ratio:g})"] = Run(base)
+            if init is InitMethod.SPARSEGPT:  # the rebuild otherwise starts from the dense values
+                runs[f"{init.value} {label} + rebuild ({granularity.value}, a={ratio:g}), retain reconstruction"] = Run(
+                    replace(base, retain_reconstruction=True)
+                )
     return runs
 
 
@@ -96,6 +100,9 @@ def sweep() -> dict[str, Run]:
             runs[f"wanda 50% + rebuild ({granularity.value}, a={ratio:g}, metric {metric.value}), seed {seed}"] = Run(
                 replace(base, ratio=ratio, granularity=granularity, metric=metric), seed=seed
             )
+    for label, settings in (("wanda 50%", replace(base, rebuild=False)), ("wanda 50% + rebuild (row, a=0.01)", base)):
+        # float32 sums in another order: the micro-batch (set by the memory plan) is 4 samples here by default
+        runs[f"{label}, micro-batches of 16 samples"] = Run(replace(settings, batch_size=16))
     for n in CALIB_SIZES:
         runs[f"wanda 50%, {n} calibration windows"] = Run(replace(base, rebuild=False), n)
         for metric in (Metric.WG, Metric.W):
@@ -142,7 +149,7 @@ def grids(results: dict, meta: dict) -> str:
     plain: dict[str, float] = {}
     for r in results.values():
         s = r.get("settings")
-        if not s or r.get("nsamples", meta["nsamples"]) != meta["nsamples"] or r.get("seed", meta["seed"]) != meta["seed"]:
+        if not _default_run(r, meta, "nsamples", "seed"):
             continue
         mask = _mask_and_rebuild(s)[0]
         if not s["rebuild"]:
@@ -162,6 +169,12 @@ def grids(results: dict, meta: dict) -> str:
             ["a", *grans], [[f"{a:g}", *(_ppl(table.get((a, g))) for g in grans)] for a in ratios],
         )
     return "\n".join(out)
+
+
+def _default_run(r: dict, meta: dict, *keys: str) -> bool:
+    """Whether `r` is a pruning run with the default values of `keys` and the automatic micro-batch."""
+    s = r.get("settings")
+    return bool(s) and s.get("batch_size", 0) == 0 and all(r.get(k, meta[k]) == meta[k] for k in keys)
 
 
 def _ppl(value: float | None) -> str:
@@ -187,16 +200,13 @@ def axis_tables(results: dict, meta: dict) -> str:
     out = []
     for key, title in (("nsamples", "calibration windows"), ("seed", "calibration seed")):
         other = "seed" if key == "nsamples" else "nsamples"
-        varied = [
-            r for r in results.values()
-            if r.get("settings") and r.get(key, meta[key]) != meta[key] and r.get(other, meta[other]) == meta[other]
-        ]
+        varied = [r for r in results.values() if _default_run(r, meta, other) and r.get(key, meta[key]) != meta[key]]
         columns = list(dict.fromkeys(_mask_and_rebuild(r["settings"]) for r in varied))
         if not columns:
             continue
         cells = {}
         for r in results.values():
-            if r.get("settings") and r.get(other, meta[other]) == meta[other]:
+            if _default_run(r, meta, other):
                 cells[r.get(key, meta[key]), _mask_and_rebuild(r["settings"])] = r["ppl"]
         values = sorted({v for v, _ in cells if any((v, c) in cells for c in columns)})
         out += _table(
