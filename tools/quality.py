@@ -73,7 +73,8 @@ def main_table() -> dict[str, Run]:
 
 
 def sweep() -> dict[str, Run]:
-    """Rebuild settings on Wanda 50%: ratio x granularity, the metric, the calibration sampling and size."""
+    """Rebuild settings on Wanda 50%: ratio x granularity, the metric, the calibration sampling and size,
+    and the micro-batch (the order of float32 sums)."""
     base = PruneSettings(sparsity=0.5, init=InitMethod.WANDA)
     runs: dict[str, Run] = {"wanda 50%": Run(replace(base, rebuild=False))}
     for ratio in (0.01, 0.05, 0.1, 0.3):
