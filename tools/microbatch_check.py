@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Does the pruned output depend on the micro-batch? Prune SmolLM2-135M with several micro-batch
+sizes and compare the output files byte for byte (and, with --eval, their perplexities).
+
+The micro-batch (samples per forward/backward call) is chosen by the memory plan from the budget, so
+an output that depends on it depends on the machine's memory. It changes the order of float32 sums
+in the calibration statistics and gradients, and that alone can move near-tied mask entries.
+
+    .venv/bin/python tools/microbatch_check.py                          # wanda 50%, no rebuild, 4 vs 16
+    .venv/bin/python tools/microbatch_check.py --rebuild-ratio 0.1 --eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from barber import assets  # noqa: E402
+from barber.calib import load_calibration  # noqa: E402
+from barber.checkpoint import Checkpoint  # noqa: E402
+from barber.evaluate import perplexity  # noqa: E402
+from barber.pipeline import PruneSettings  # noqa: E402
+from barber.prune import InitMethod  # noqa: E402
+from barber.run import prune_checkpoint  # noqa: E402
+from barber.tokenizer import load_tokenizer  # noqa: E402
+
+
+def weights_digest(path: Path) -> str:
+    """sha256 over the output's safetensors files, in name order."""
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*.safetensors")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init", choices=[m.value for m in InitMethod], default="wanda")
+    p.add_argument("--rebuild-ratio", type=float, default=None, help="rebuild at row granularity (default: no rebuild)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 16])
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--eval", action="store_true", help="also the perplexity on 16 x 512 Wikipedia tokens")
+    args = p.parse_args(argv)
+
+    model = assets.smollm2_dir()
+    ckpt = Checkpoint.open(model)
+    tok = load_tokenizer(model)
+    ids = load_calibration(assets.botchan_path(), tok.encode, nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
+                           vocab_size=ckpt.config.vocab_size)
+    eval_ids = tok.encode(assets.wiki_text_path().read_text(encoding="utf-8")) if args.eval else None
+    rebuild = args.rebuild_ratio is not None
+    digests = {}
+    for bs in args.batch_sizes:
+        settings = PruneSettings(init=InitMethod(args.init), rebuild=rebuild, ratio=args.rebuild_ratio or 0.0,
+                                 batch_size=bs)
+        with tempfile.TemporaryDirectory(prefix="barber-mb-") as tmp:
+            out = Path(tmp) / "out"
+            report = prune_checkpoint(Checkpoint.open(model), out, settings, ids, progress=False)
+            digests[bs] = weights_digest(out)
+            line = f"micro-batch {bs:3d}: weights sha256 {digests[bs][:16]}, {report['swaps']} swaps"
+            if eval_ids is not None:
+                ppl = perplexity(Checkpoint.open(out), eval_ids, seqlen=512, max_windows=16, progress=False).ppl
+                line += f", perplexity {ppl:.4f}"
+        print(line, flush=True)
+    same = len(set(digests.values())) == 1
+    print("identical outputs" if same else "the outputs differ", flush=True)
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
