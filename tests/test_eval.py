@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,7 @@ from barber.errors import DataError
 from barber.evaluate import advance_hidden, make_windows, perplexity
 from barber.model import Arch
 from helpers_models import make_tiny_checkpoint, make_tiny_model, save_checkpoint
+from peak_rss import run_measured
 from test_tokenizer import real_asset
 
 TEXT = "".join(
@@ -229,27 +227,11 @@ def test_missing_required_option(capsys):
 
 # ---- memory ------------------------------------------------------------------------------------
 
-# VmHWM (peak RSS of this process image), not ru_maxrss: Linux carries ru_maxrss over from the
-# forking parent across execve, so it would report the test runner's own peak.
-_RSS_WRAPPER = textwrap.dedent(
-    """
-    import sys
-    from barber.cli import eval_main
-    rc = eval_main(sys.argv[1:])
-    hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")][0].split()[1]
-    print("PEAK_RSS_KB", hwm, file=sys.stderr)
-    sys.exit(rc)
-    """
-)
-
-
 def peak_rss_of_eval(argv: list[str]) -> int:
     """Run barber-eval in a fresh interpreter; its peak RSS in bytes."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", _RSS_WRAPPER, *argv], capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr
-    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("PEAK_RSS_KB")][-1]
-    return int(line.split()[1]) * 1024
+    run = run_measured("eval_main", argv, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stderr
+    return run.peak_rss
 
 
 def test_peak_memory_independent_of_depth(tmp_path, text_file):

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
-import sys
-from pathlib import Path
 
 import pytest
+import quality  # tools/quality.py (pytest puts tools/ on the path)
 
 from barber.pipeline import PruneSettings
 from barber.prune import Granularity, InitMethod, Metric
-
-_SPEC = importlib.util.spec_from_file_location(
-    "barber_tools_quality", Path(__file__).resolve().parents[1] / "tools" / "quality.py"
-)
-quality = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = quality  # dataclasses look their module up there
-_SPEC.loader.exec_module(quality)
 
 META = {"nsamples": 32, "seed": 0, "seqlen": 256, "calib_name": "c.txt", "eval_windows": 4, "eval_seqlen": 512,
         "eval_name": "e.txt", "dtype": "float32", "device": "cpu"}

@@ -17,41 +17,24 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
 import tempfile
-import textwrap
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_synthetic_checkpoint import PRESETS, subset_checkpoint, write_synthetic_checkpoint  # noqa: E402
+from peak_rss import run_measured  # noqa: E402
 
 MODEL = "llama-13b"
-
-_CHILD = textwrap.dedent(
-    """
-    import sys
-    from barber.cli import eval_main
-    rc = eval_main(sys.argv[1:])
-    hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")][0].split()[1]
-    print("PEAK_RSS_KB", hwm, file=sys.stderr)
-    sys.exit(rc)
-    """
-)
-
 
 def run_eval(ckpt: Path, text: Path, args: argparse.Namespace) -> tuple[float, float, str]:
     """(peak RSS in bytes, wall seconds, perplexity line) of one barber-eval run in a fresh interpreter."""
     argv = ["--ckpt", str(ckpt), "--text", str(text), "--seqlen", str(args.seqlen), "--max-windows",
             str(args.windows), "--dtype", args.dtype, "--no-progress"]
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _CHILD, *argv], capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"barber-eval failed on {ckpt}:\n{proc.stderr}")
-    kb = [ln for ln in proc.stderr.splitlines() if ln.startswith("PEAK_RSS_KB")][-1].split()[1]
-    return int(kb) * 1024, wall, proc.stdout.strip()
+    run = run_measured("eval_main", argv)
+    if run.returncode != 0:
+        raise SystemExit(f"barber-eval failed on {ckpt}:\n{run.stderr}")
+    return run.peak_rss, run.wall, run.stdout.strip()
 
 
 def main() -> int:

@@ -28,10 +28,8 @@ import json
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -39,17 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_synthetic_checkpoint import PRESETS, subset_checkpoint, write_synthetic_checkpoint  # noqa: E402
+from peak_rss import run_measured  # noqa: E402
 
-_CHILD = textwrap.dedent(
-    """
-    import sys
-    from barber.cli import stream_main
-    rc = stream_main(sys.argv[1:])
-    hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")][0].split()[1]
-    print("PEAK_RSS_KB", hwm, file=sys.stderr)
-    sys.exit(rc)
-    """
-)
 PHASES = {  # table column -> report phases summed into it
     "read": ("read",),
     "forward": ("stats", "forward"),
@@ -142,15 +131,12 @@ def run_stream(ckpt: Path, out: Path, calib: Path, args: argparse.Namespace, bud
     if gpu_budget or args.max_gpu_memory:
         argv += ["--max-gpu-memory", gpu_budget or args.max_gpu_memory]
     argv += args.extra
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _CHILD, *argv], capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"barber-stream failed on {ckpt} (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    kb = [ln for ln in proc.stderr.splitlines() if ln.startswith("PEAK_RSS_KB")][-1].split()[1]
+    run = run_measured("stream_main", argv)
+    if run.returncode != 0:
+        raise SystemExit(f"barber-stream failed on {ckpt} (exit {run.returncode}):\n{run.stderr[-4000:]}")
     report = json.loads((out / "barber_report.json").read_text())
     shutil.rmtree(out, ignore_errors=True)  # the pruned copy is not needed; keep the disk free
-    return {"report": report, "peak_rss": int(kb) * 1024, "wall": wall, "stdout": proc.stdout.strip()}
+    return {"report": report, "peak_rss": run.peak_rss, "wall": run.wall, "stdout": run.stdout.strip()}
 
 
 def summarise(run: dict, cfg: dict, args: argparse.Namespace, mm: dict) -> dict:
