@@ -351,7 +351,7 @@ def _settings(args: argparse.Namespace):
     """PruneSettings from the parsed options (all validation of values happens here)."""
     import torch
 
-    from barber.pipeline import PruneSettings, default_rebuild
+    from barber.settings import PruneSettings, default_rebuild
 
     try:
         pattern = Pattern.parse(args.pattern)
@@ -481,7 +481,7 @@ def _stream_body(argv: Sequence[str] | None) -> int:
         print(f"dense perplexity {dense.ppl:.4f} ({dense.n_windows} windows of {eval_seqlen} tokens of {args.eval})")
     extra = {"calibration": {"source": str(calib), "seed": args.seed}}
     budget = _budget(args)
-    Pruner(ckpt, settings, progress=False, budget=budget).plan_for(*ids.shape)  # an impossible budget fails here
+    Pruner(ckpt, settings, progress=False, budget=budget).prepare(*ids.shape)  # an impossible budget fails here
     with GracefulStop("barber-stream") as stop:
         try:
             report = prune_checkpoint(

@@ -258,6 +258,7 @@ def plan_memory(
     batch_size: int = 0,
     sparsegpt: bool = False,
     base_rss: int = 0,
+    extra_block_bytes: int = 0,
     cpu_budget: int | None = None,
     gpu_budget: int | None = None,
 ) -> MemoryPlan:
@@ -273,6 +274,8 @@ def plan_memory(
             plan may lower it to fit the budget, never raise it.
         sparsegpt: the initial method keeps X^T X and updated weights.
         base_rss: what the process holds already (RSS before the pruner allocates).
+        extra_block_bytes: what a step beyond the rebuild holds on the compute device at its peak
+            (the re-fit: `barber.reconstruct.plan_bytes`), counted on top of every phase.
         cpu_budget, gpu_budget: the automatic budgets to use when `budget` leaves them open
             (default: measured, see AUTO_CPU_FRACTION and AUTO_GPU_FRACTION).
 
@@ -301,6 +304,7 @@ def plan_memory(
     def estimate(placement: str, prefetch: bool, mb: int) -> dict[str, int]:
         block = _block_bytes(sh, c, sparsegpt, mb)
         work = block["block_resident"] + max(block["select"], block["gradient_pass"], block["rebuild"])
+        work += extra_block_bytes
         staging = 2 * mb * seqlen * sh.hidden * c  # one micro-batch read from / written to a buffer
         prefetch_bytes = sh.block_stored_bytes if prefetch else 0
         device_hidden = hidden_all if placement == "device" else staging
@@ -316,6 +320,7 @@ def plan_memory(
             "activations": acts,
             "prefetch": prefetch_bytes,
             **block,
+            "reconstruct": extra_block_bytes,
         }
         if on_gpu:
             est["peak_gpu"] = CUDA_CONTEXT_BYTES + int(GPU_OVERHEAD * max(compute, start))

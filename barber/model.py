@@ -10,12 +10,14 @@ A block is split into the two sub-blocks that the Barber method rebuilds separat
     Y  = attn_core(X, w, pos)          # o_proj / out_proj output, before the residual add
     h2 = attn_residual(h, Y, w)        # h + Y                  (post-LN: norm(h + Y))
     X2 = mlp_input(h2, w)              # input of gate/up/fc1   (pre-LN: the MLP norm of h2)
-    Y2 = mlp_core(X2, w)               # down_proj / fc2 output, before the residual add
+    Y2 = mlp_core(X2, w, pos)          # down_proj / fc2 output, before the residual add (pos unused)
     out = mlp_residual(h2, Y2, w)      # h2 + Y2                (post-LN: norm(h2 + Y2))
 
 Post-LN (OPT with ``do_layer_norm_before=False``): the linears see the raw residual stream, so
 ``X = h`` and ``X2 = h2``, and the residual step applies the norm after the add.
 
+Both cores share one signature, ``core(x, w, pos, linear=None)``, so a pruner treats the two
+sub-blocks alike through `Arch.subblocks()` (a `SubBlock` each: its linears, input, core and residual).
 `attn_core` and `mlp_core` take ``linear(name, x) -> y`` (name: block-local linear name such as
 ``"self_attn.q_proj"``). The default is ``x @ w[name + ".weight"].T + w[name + ".bias"]`` (bias where
 present). A pruner passes its own to record each linear's input or to use masked, fp32 or
@@ -66,6 +68,23 @@ class Positions:
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class SubBlock:
+    """One of a block's two sub-blocks: ``out = residual(h, core(input(h, w), w, pos, linear), w)``.
+
+    Attributes:
+        kind: "attn" or "mlp".
+        names: its linears (block-local names), in the order the core applies them.
+        input, core, residual: the `Arch` methods of that sub-block (see the module docstring).
+    """
+
+    kind: str
+    names: tuple[str, ...]
+    input: Callable[[torch.Tensor, Weights], torch.Tensor]
+    core: Callable[..., torch.Tensor]
+    residual: Callable[[torch.Tensor, torch.Tensor, Weights], torch.Tensor]
 
 
 def rotary_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -200,8 +219,10 @@ class Arch:
         """Input of gate/up/fc1: the MLP norm of `h2` (pre-LN) or `h2` itself (post-LN)."""
         return self._norm(h2, w, self.family.mlp_norm) if self.config.do_layer_norm_before else h2
 
-    def mlp_core(self, x2: torch.Tensor, w: Weights, linear: Linear | None = None) -> torch.Tensor:
-        """down(act(gate(x)) * up(x)) or fc2(act(fc1(x))): [B, T, d] -> [B, T, d] (no residual)."""
+    def mlp_core(
+        self, x2: torch.Tensor, w: Weights, pos: Positions | None = None, linear: Linear | None = None
+    ) -> torch.Tensor:
+        """down(act(gate(x)) * up(x)) or fc2(act(fc1(x))): [B, T, d] -> [B, T, d] (no residual; `pos` unused)."""
         fam = self.family
         lin = linear or self.default_linear(w)
         if fam.gate:
@@ -215,12 +236,22 @@ class Arch:
         out = h2 + y2
         return out if self.config.do_layer_norm_before else self._norm(out, w, self.family.mlp_norm)
 
+    # ---- the two sub-blocks as one kind of object ------------------------------------------------
+
+    def subblocks(self) -> tuple["SubBlock", "SubBlock"]:
+        """The attention and MLP sub-blocks, in block order."""
+        fam = self.family
+        return (
+            SubBlock("attn", fam.attn_linears, self.attn_input, self.attn_core, self.attn_residual),
+            SubBlock("mlp", fam.mlp_linears, self.mlp_input, self.mlp_core, self.mlp_residual),
+        )
+
     # ---- whole block and head -------------------------------------------------------------------
 
     def block_forward(self, h: torch.Tensor, w: Weights, pos: Positions, linear: Linear | None = None) -> torch.Tensor:
         """One transformer block: the composition of the six sub-block steps."""
         h2 = self.attn_residual(h, self.attn_core(self.attn_input(h, w), w, pos, linear), w)
-        return self.mlp_residual(h2, self.mlp_core(self.mlp_input(h2, w), w, linear), w)
+        return self.mlp_residual(h2, self.mlp_core(self.mlp_input(h2, w), w, pos, linear), w)
 
     def final_logits(self, h: torch.Tensor, w: Weights) -> torch.Tensor:
         """Final norm (where the model has one), project_out (OPT) and the output head: [B, T, vocab].

@@ -46,7 +46,8 @@ from barber import __version__
 from barber.checkpoint import INDEX_FILE, REPORT_FILE, WORK_DIR, Checkpoint
 from barber.errors import BarberError, UsageError
 from barber.memory import MemoryBudget
-from barber.pipeline import BlockState, Pruner, PruneSettings
+from barber.pipeline import BlockState, Pruner
+from barber.settings import PruneSettings
 from barber.state import (
     STATE_NAME,
     Fingerprint,
@@ -438,7 +439,7 @@ class RunResult:
     embed_seconds: float
     assemble_seconds: float
     resumed_at: int  # first block computed by this process (0: not resumed)
-    memory: dict | None = None  # Pruner.memory_report(): the memory plan and the peaks reached
+    memory: dict | None = None  # HiddenStates.memory_report(): the memory plan and the peaks reached
     save_state_seconds: float = 0.0  # writing resume states
 
 
@@ -460,15 +461,16 @@ def _block_loop(
     """
     n = ckpt.num_layers
     store = BlockStore(work, ckpt)
+    plan = pruner.prepare(*calib_ids.shape).plan  # asked once: placement and micro-batch
     if saved is not None:
         log.info("resuming the run in %s at block %d of %d", work.parent, saved.next_block, n)
         store.adopt(range(saved.next_block), require=saved.next_block < n)
         restore_rng(saved.rng)
-        on_device = pruner.plan_for(*calib_ids.shape).hidden_placement == "device"
+        on_device = plan.hidden_placement == "device"
         hidden = load_hidden(saved, pruner.settings.device if on_device else None)
         state = BlockState(saved.next_block, hidden, saved.blocks)
         embed_seconds = float(saved.extra.get("embed_seconds", 0.0))
-        micro_batch = pruner.plan_for(*calib_ids.shape).micro_batch
+        micro_batch = plan.micro_batch
         if micro_batch != saved.extra.get("micro_batch", micro_batch):
             log.warning(
                 "the memory budget allows micro-batches of %d samples, the interrupted run used %d: the output "
@@ -489,7 +491,7 @@ def _block_loop(
         save_state(
             work / STATE_NAME, next_block=state.next_block, num_blocks=n, blocks=state.blocks,
             hidden=None if last else state.hidden, fp=fp,
-            extra={"embed_seconds": embed_seconds, "micro_batch": pruner.plan_for(*calib_ids.shape).micro_batch},
+            extra={"embed_seconds": embed_seconds, "micro_batch": plan.micro_batch},
         )
         fsync_dir(work)  # the block files' and the state's renames survive a power cut
         save_seconds += time.perf_counter() - t0
@@ -550,7 +552,7 @@ def _run(
             pruner, ckpt, work, calib_ids, fp, saved, progress, should_stop, state_interval
         )
     finally:
-        pruner.release()  # stop the prefetch thread, remove disk-backed hidden states
+        pruner.close()  # stop the prefetch thread, remove disk-backed hidden states
     resumed_at = saved.next_block if saved is not None else 0
     store = BlockStore(work, ckpt)
     store.adopt(range(n), require=False)
@@ -570,7 +572,7 @@ def _run(
     total_bytes = assemble(ckpt, store, stage, layer_info, done_dir=out_dir, should_stop=should_stop, progress=progress)
     publish(stage, out_dir)
     return RunResult(
-        state.blocks, total_bytes, embed_seconds, time.perf_counter() - t0, resumed_at, pruner.memory_report(),
+        state.blocks, total_bytes, embed_seconds, time.perf_counter() - t0, resumed_at, pruner.states.memory_report(),
         save_seconds,
     )
 

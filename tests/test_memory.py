@@ -21,7 +21,7 @@ from barber.memory import (
     parse_bytes,
     plan_memory,
 )
-from barber.pipeline import PruneSettings
+from barber.settings import PruneSettings
 from barber.state import Fingerprint, load_hidden, load_state, save_state
 from barber.prune import InitMethod
 from barber.run import REPORT_NAME, WORK_DIR, prune_checkpoint
@@ -312,7 +312,7 @@ def test_budget_lowers_the_micro_batch_and_the_run_still_prunes(tmp_path, monkey
 
     per_sample = OVERHEAD * roomy.estimates["activations_per_sample"]
     tight = int(roomy.estimates["peak_cpu"] - 1.5 * per_sample)  # room for 2 samples' activations, not 3 or 4
-    monkeypatch.setattr("barber.pipeline.current_rss", lambda: 0)  # the plan's base, fixed for the test
+    monkeypatch.setattr("barber.residency.current_rss", lambda: 0)  # the plan's base, fixed for the test
     budget = MemoryBudget(cpu=tight, prefetch=False)
     report = prune_checkpoint(ckpt, tmp_path / "o", PruneSettings(), ids, progress=False, budget=budget)
     assert report["memory"]["plan"]["micro_batch"] == 2

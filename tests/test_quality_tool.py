@@ -8,7 +8,7 @@ import re
 import pytest
 import quality  # tools/quality.py (pytest puts tools/ on the path)
 
-from barber.pipeline import PruneSettings
+from barber.settings import PruneSettings
 from barber.prune import Granularity, InitMethod, Metric
 
 META = {"nsamples": 32, "seed": 0, "seqlen": 256, "calib_name": "c.txt", "eval_windows": 4, "eval_seqlen": 512,

@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from barber.checkpoint import Checkpoint
 from barber.evaluate import perplexity
-from barber.pipeline import PruneSettings
+from barber.settings import PruneSettings
 from barber.prune import Granularity, InitMethod, Pattern
 from barber.run import REPORT_NAME, prune_checkpoint
 from helpers_models import FAMILY_NAMES, make_tiny_checkpoint
@@ -149,21 +149,19 @@ def test_output_loads_in_transformers_with_the_same_perplexity(tmp_path, family)
 def test_batched_per_sample_gradients_match_autograd(tmp_path, kind):
     """sum_n (dL_n/dW)^2 from the batched pass equals one autograd backward per sample."""
     from barber.model import Arch
-    from barber.pipeline import _per_sample_grad_sq
+    from barber.rebuild import per_sample_grad_sq
 
     ckpt = Checkpoint.open(make_tiny_checkpoint(tmp_path, "qwen2"))
     arch = Arch.from_checkpoint(ckpt)
     w = ckpt.block_weights(0)
     pos = arch.positions(SEQLEN)
     names = ckpt.family.attn_linears if kind == "attn" else ckpt.family.mlp_linears
-    core = (lambda x, w, p, linear=None: arch.attn_core(x, w, p, linear)) if kind == "attn" else (
-        lambda x, w, p, linear=None: arch.mlp_core(x, w, linear)
-    )
+    core = arch.attn_core if kind == "attn" else arch.mlp_core
     x = torch.randn(3, SEQLEN, ckpt.config.hidden_size, generator=torch.Generator().manual_seed(0))
     sparse = {k: v * (torch.rand_like(v) > 0.5) for k, v in w.items()}
     target = core(x, sparse, pos).detach()
     got = {n: torch.zeros_like(w[n + ".weight"]) for n in names}
-    _per_sample_grad_sq(core, x, target, w, pos, names, got)
+    per_sample_grad_sq(core, x, target, w, pos, names, got)
     expected = {n: torch.zeros_like(w[n + ".weight"]) for n in names}
     for b in range(3):
         leaves = {k: v.detach().clone().requires_grad_(k.rsplit(".", 1)[0] in names and k.endswith("weight")) for k, v in w.items()}

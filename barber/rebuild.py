@@ -1,0 +1,136 @@
+"""The Barber rebuild of one sub-block: the gradient pass, then the mask rebuild (docs/algorithm.md §4).
+
+`gradient_pass` computes, at the dense weights and in float32, A = sum over samples of the squared
+per-sample gradient of the sub-block reconstruction loss, whose target is the current sparse
+sub-block output on the sparse-trajectory input; it also stores the dense sub-block outputs (the
+reference for the reported losses) in the scratch buffer. `rebuild_subblock` scores every weight
+(|W|*sqrt(A), |W| or sqrt(A)), swaps pruned and kept weights within the chosen groups and
+re-applies the masks. Memory is bounded by dropping, by name, what is no longer needed: the float32
+copies after the pass, the masked weights before the scores exist, each A as soon as it is scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from barber import prune
+from barber.memory import GRAD_CHUNK_BYTES
+from barber.model import Positions, SubBlock
+from barber.settings import PruneSettings
+
+__all__ = ["gradient_pass", "per_sample_grad_sq", "rebuild_subblock"]
+
+Tensors = dict[str, torch.Tensor]
+
+
+def per_sample_grad_sq(
+    core: Callable,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    weights: Tensors,
+    pos: Positions,
+    names: tuple[str, ...],
+    grad_sq: Tensors,
+    chunk_bytes: int = GRAD_CHUNK_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add sum_n (dL_n/dW)^2 of every linear in `names` to `grad_sq`, for a batch of samples.
+
+    L_n is the mean squared error of sample n's sub-block output at `weights` against its
+    target. One batched forward and backward give each linear's per-sample output gradient
+    delta_n; the per-sample weight gradient is delta_n^T x_n (x_n the linear's input), so
+    no weight gradient summed over samples is ever formed and inputs need no gradient.
+    At most `chunk_bytes` of per-sample gradients (at least one sample's) exist at once.
+
+    Returns:
+        (the sub-block output at `weights` [B, T, d], detached; the per-sample losses [B]).
+    """
+    leaves = {n: weights[n + ".weight"].detach().requires_grad_(True) for n in names}
+    inputs: Tensors = {}
+    outputs: Tensors = {}
+
+    def linear(name: str, xin: torch.Tensor) -> torch.Tensor:
+        w = leaves.get(name, weights.get(name + ".weight"))
+        y = F.linear(xin, w, weights.get(name + ".bias"))
+        if name in leaves:
+            inputs[name], outputs[name] = xin.detach(), y
+        return y
+
+    y = core(x, weights, pos, linear)
+    losses = ((y - target) ** 2).mean(dim=(1, 2))
+    deltas = torch.autograd.grad(losses.sum(), [outputs[n] for n in names])
+    for n, delta in zip(names, deltas):
+        xin = inputs[n]
+        delta_t = delta.reshape(delta.shape[0], -1, delta.shape[-1]).transpose(1, 2)  # [B, out, T]
+        xin = xin.reshape(xin.shape[0], -1, xin.shape[-1])  # [B, T, in]
+        step = max(1, chunk_bytes // (grad_sq[n].numel() * 4))
+        for b in range(0, x.shape[0], step):
+            g = torch.bmm(delta_t[b : b + step], xin[b : b + step]).square_()  # squared per-sample gradients
+            grad_sq[n].add_(g[0] if g.shape[0] == 1 else g.sum(0))  # a sum over one sample is that sample, exactly
+    return y.detach(), losses.detach()
+
+
+def gradient_pass(
+    sub: SubBlock, dense: Tensors, weights: Tensors, states, pos: Positions, progress: bool
+) -> tuple[Tensors, float]:
+    """A = sum_n (dL_n/dW)^2 at the dense weights for every linear of `sub`, and the mean loss before.
+
+    `weights` holds the current (masked) weights; the dense sub-block outputs go to
+    `states.scratch()`. Afterwards the masked weights of `sub` are dropped from `weights`: the
+    rebuild replaces them, and dropping them now bounds its peak.
+    """
+    names, dtype = sub.names, states.settings.dtype
+    own = [k for k in dense if k.rsplit(".", 1)[0] in names]  # the sub-block's weights and biases
+    dense32 = {k: dense[k].detach().float() for k in own}  # detached: no grad flag leaks into `dense`
+    sparse32 = {k: weights[k].float() for k in own}
+    grad_sq = {n: torch.zeros_like(dense32[n + ".weight"]) for n in names}
+    hidden, dense_out = states.trajectory, states.scratch()
+    loss_before = 0.0
+    bar = tqdm(total=hidden.shape[0], desc=f"  {sub.kind} gradients", leave=False, unit="sample", disable=not progress)
+    for c in states.chunks():
+        with torch.no_grad():
+            x = sub.input(hidden.get(c), weights).float()
+            target = sub.core(x, sparse32, pos)
+        y, losses = per_sample_grad_sq(sub.core, x, target, dense32, pos, names, grad_sq, states.plan.grad_chunk_bytes)
+        dense_out.put(c, y.to(dtype))
+        loss_before += float(losses.sum())
+        bar.update(c.stop - c.start)
+    bar.close()
+    del dense32, sparse32
+    for n in names:
+        del weights[n + ".weight"]
+    return grad_sq, loss_before / hidden.shape[0]
+
+
+def rebuild_subblock(
+    sub: SubBlock,
+    dense: Tensors,
+    init_weights: Tensors,
+    weights: Tensors,
+    masks: Tensors,
+    grad_sq: Tensors,
+    n_samples: int,
+    settings: PruneSettings,
+) -> dict[str, int]:
+    """Rebuild the masks of `sub` in place (`masks`, and `weights` re-masked); returns the swaps per linear.
+
+    The rebuilt masks apply to the dense values, or, with `retain_reconstruction`, to the initial
+    method's values where they were kept (SparseGPT's updates). `grad_sq` is consumed.
+    """
+    s, names = settings, sub.names
+    base = {}
+    for n in names:
+        w_dense = dense[n + ".weight"]
+        base[n] = torch.where(masks[n], init_weights[n], w_dense) if s.retain_reconstruction else w_dense
+    scores = {}
+    for n in names:  # each A is dropped once scored: A and the scores of a sub-block never coexist whole
+        scores[n] = prune.rebuild_scores(base[n], grad_sq.pop(n).div_(n_samples), s.metric)
+    new_masks = prune.rebuild(scores, {n: masks[n] for n in names}, s.ratio, s.granularity, s.pattern)
+    swaps = {n: int((new_masks[n] & ~masks[n]).sum()) for n in names}
+    for n in names:
+        masks[n] = new_masks[n]
+        weights[n + ".weight"] = prune.apply_mask(base[n], new_masks[n])
+    return swaps

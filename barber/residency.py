@@ -1,0 +1,140 @@
+"""Where the calibration hidden states live while a checkpoint is pruned: `HiddenStates`.
+
+One object owns the memory plan (`barber.memory.plan_memory`), made once when the calibration size
+is known, and everything the plan places: the trajectory buffer `h` [N, T, d] (the sparse
+trajectory entering the next block), one scratch buffer of the same shape (the gradient pass's
+dense sub-block outputs), the micro-batches they are read and written in, and the background
+reader of the next block. Placement and prefetch never change a value.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from barber.memory import (
+    BlockPrefetcher,
+    HiddenBuffer,
+    MemoryBudget,
+    MemoryPlan,
+    current_rss,
+    model_shapes,
+    peak_rss,
+    plan_memory,
+)
+from barber.settings import PruneSettings
+from barber.prune import InitMethod
+
+__all__ = ["HiddenStates"]
+
+
+def _on(tensor: torch.Tensor, device: str) -> bool:
+    """Whether `tensor` lives on `device` ("cuda" matches the current GPU)."""
+    want = torch.device(device)
+    if tensor.device.type != want.type:
+        return False
+    if want.type == "cuda" and want.index is None:
+        return tensor.device.index == torch.cuda.current_device()
+    return want.index is None or tensor.device.index == want.index
+
+
+class HiddenStates:
+    """The memory plan for `nsamples` windows of `seqlen` tokens and the buffers it places.
+
+    Args:
+        ckpt: the opened input checkpoint (shapes for the plan; blocks for the prefetcher).
+        settings: device, dtype, micro-batch wish and initial method.
+        budget: memory budgets and forced choices.
+        work_dir: where disk-backed buffers go (default: the system's temporary directory).
+
+    Raises:
+        BudgetError: the budgets cannot be met (raised at construction).
+    """
+
+    def __init__(
+        self,
+        ckpt,
+        settings: PruneSettings,
+        nsamples: int,
+        seqlen: int,
+        budget: MemoryBudget,
+        work_dir: Path | None = None,
+        extra_block_bytes: int = 0,
+    ):
+        self.settings = settings
+        self.work_dir = work_dir
+        self.nsamples, self.seqlen = nsamples, seqlen
+        self.plan: MemoryPlan = plan_memory(
+            model_shapes(ckpt), nsamples=nsamples, seqlen=seqlen, compute_dtype=settings.dtype,
+            device=settings.device, budget=budget, batch_size=settings.batch_size,
+            sparsegpt=settings.init is InitMethod.SPARSEGPT, base_rss=current_rss(),
+            extra_block_bytes=extra_block_bytes,
+        )
+        self.prefetch = BlockPrefetcher(ckpt, enabled=self.plan.prefetch)
+        self.trajectory: HiddenBuffer | None = None
+        self._scratch: HiddenBuffer | None = None
+
+    @property
+    def micro_batch(self) -> int:
+        return self.plan.micro_batch
+
+    def chunks(self) -> list[slice]:
+        """The micro-batches of samples, in order."""
+        n, size = self.nsamples, self.plan.micro_batch
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+    def shape(self, hidden: int) -> tuple[int, int, int]:
+        return (self.nsamples, self.seqlen, hidden)
+
+    def buffer(self, name: str, shape: tuple[int, ...]) -> HiddenBuffer:
+        """A planned buffer of hidden-state shape in the compute dtype (disk: `work_dir/<name>-<id>.bin`)."""
+        s, path = self.settings, None
+        if self.plan.hidden_placement == "disk":
+            root = self.work_dir if self.work_dir is not None else Path(tempfile.gettempdir())
+            path = root / f"{name}-{id(self):x}.bin"
+        return HiddenBuffer.allocate(shape, s.dtype, self.plan.hidden_placement, s.device, path)
+
+    def new_trajectory(self, hidden: int) -> HiddenBuffer:
+        """An empty trajectory buffer [N, T, hidden] (filled by the caller, micro-batch by micro-batch)."""
+        self.trajectory = self.buffer("hidden", self.shape(hidden))
+        return self.trajectory
+
+    def adopt(self, hidden: HiddenBuffer) -> HiddenBuffer:
+        """The planned trajectory buffer holding `hidden` (from `start`, a previous block or a resume)."""
+        if hidden is self.trajectory:
+            return hidden
+        s, t = self.settings, hidden.tensor
+        if self.plan.hidden_placement == "device" and hidden.placement == "device" and _on(t, s.device) and (
+            t.dtype == s.dtype
+        ):
+            self.trajectory = HiddenBuffer(t, "device", torch.device(s.device))
+        else:
+            self.trajectory = self.buffer("hidden", tuple(hidden.shape))
+            for c in self.chunks():
+                self.trajectory.put(c, hidden.get(c))
+        return self.trajectory
+
+    def scratch(self) -> HiddenBuffer:
+        """The scratch buffer, shaped like the trajectory (allocated on first use, then reused)."""
+        shape = self.trajectory.shape
+        if self._scratch is None or self._scratch.shape != shape:
+            self._scratch = self.buffer("dense-out", tuple(shape))
+        return self._scratch
+
+    def close(self) -> None:
+        """Stop the prefetch thread and drop both buffers (a disk buffer's file goes; a mapping in use stays)."""
+        self.prefetch.close()
+        for buf in (self._scratch, self.trajectory):
+            if buf is not None:
+                buf.close()
+        self._scratch = self.trajectory = None
+
+    def memory_report(self) -> dict:
+        """The plan chosen and the peaks reached so far (RSS; GPU max allocated on a GPU run)."""
+        out = {"plan": self.plan.describe(), "peak_rss": peak_rss()}
+        if torch.device(self.settings.device).type == "cuda":
+            out["peak_gpu_allocated"] = torch.cuda.max_memory_allocated()
+            out["peak_gpu_reserved"] = torch.cuda.max_memory_reserved()
+        return out

@@ -1,0 +1,111 @@
+"""What decides the pruned weights: `PruneSettings`, which validates itself, and the reference defaults.
+
+A library user gets the command line's checks at construction: an impossible combination raises
+`SettingsError` (a `UsageError`, exit code 2) whose `field` names the offending setting, and the
+CLI turns the field into its option name. Files, progress and memory budgets are not settings:
+they never change a value (the micro-batch, `batch_size`, can change the last bits of sums).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from barber.errors import UsageError
+from barber.prune import Granularity, InitMethod, Metric, Pattern
+
+__all__ = ["PruneSettings", "Reconstruct", "SettingsError", "default_rebuild"]
+
+
+class Reconstruct(enum.Enum):
+    """How the kept weights are re-fitted on the final mask (docs/algorithm.md, "Weight reconstruction")."""
+
+    NONE = "none"  # keep the values the mask was applied to (dense, or SparseGPT's updated ones)
+    LAYER = "layer"  # each linear against the dense layer's output on its input from the statistics pass
+    SUBBLOCK = "subblock"  # linear by linear through the sub-block, against the dense sub-block's output
+
+
+class SettingsError(UsageError):
+    """A setting out of range or contradicting another; `field` names it (the CLI shows its option)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field} {message}")
+        self.field = field
+        self.detail = message
+
+
+def default_rebuild(init: InitMethod, pattern: Pattern) -> tuple[float, Granularity]:
+    """The reference code's rebuild ratio and granularity for an initial method (docs/algorithm.md §B)."""
+    if pattern.structured:
+        return 0.01, Granularity.ROW
+    return {
+        InitMethod.WANDA: (0.01, Granularity.ROW),
+        InitMethod.MAGNITUDE: (0.1, Granularity.BLOCK),
+        InitMethod.SPARSEGPT: (0.1, Granularity.LAYER),
+    }[init]
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """Everything that decides the pruned weights (and nothing about files or progress).
+
+    Raises:
+        SettingsError: at construction, for a value out of range or a contradiction.
+    """
+
+    sparsity: float = 0.5
+    pattern: Pattern = Pattern()
+    init: InitMethod = InitMethod.WANDA
+    rebuild: bool = True
+    ratio: float = 0.01
+    granularity: Granularity = Granularity.ROW
+    metric: Metric = Metric.WG
+    retain_reconstruction: bool = False
+    magnitude_per_matrix: bool = False
+    sparsegpt_blocksize: int = 128
+    sparsegpt_percdamp: float = 0.01
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    batch_size: int = 0  # samples per forward/backward call; 0 = automatic, within the memory budget
+    allow_tf32: bool = False  # let float32 matmuls on a GPU use TF32 (see barber.pipeline)
+    reconstruct: Reconstruct = Reconstruct.NONE
+    reconstruct_damp: float = 0.01  # ridge towards the dense weights, times the mean diagonal of X^T X
+    reconstruct_iters: int = 40  # conjugate-gradient iterations per linear (at most)
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.sparsity < 1):  # also false for NaN
+            raise SettingsError("sparsity", f"must be in [0, 1), got {self.sparsity}")
+        if self.pattern.structured:
+            implied = 1 - self.pattern.n / self.pattern.m
+            if abs(self.sparsity - implied) > 1e-12:
+                raise SettingsError(
+                    "sparsity", f"{self.sparsity} contradicts pattern {self.pattern} (which prunes {implied:g})"
+                )
+            if self.granularity is not Granularity.ROW:
+                raise SettingsError("granularity", f"must be row for pattern {self.pattern}, got {self.granularity.value}")
+        if not (0 <= self.ratio <= 1):
+            raise SettingsError("ratio", f"must be in [0, 1], got {self.ratio}")
+        if self.batch_size < 0:
+            raise SettingsError("batch_size", f"is too small: {self.batch_size}")
+        if self.sparsegpt_blocksize < 1:
+            raise SettingsError("sparsegpt_blocksize", f"must be at least 1, got {self.sparsegpt_blocksize}")
+        for name in ("sparsegpt_percdamp", "reconstruct_damp"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise SettingsError(name, f"must be a finite number >= 0, got {value}")
+        if self.reconstruct_iters < 1:
+            raise SettingsError("reconstruct_iters", f"must be at least 1, got {self.reconstruct_iters}")
+
+    def describe(self) -> dict:
+        """A JSON-ready description of the settings."""
+        out = asdict(self)
+        out["pattern"] = str(self.pattern)
+        out["init"] = self.init.value
+        out["granularity"] = self.granularity.value
+        out["metric"] = self.metric.value
+        out["dtype"] = str(self.dtype).removeprefix("torch.")
+        out["reconstruct"] = self.reconstruct.value
+        return out
