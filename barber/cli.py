@@ -22,6 +22,7 @@ from typing import Callable, NoReturn, Sequence
 
 from barber.errors import BarberError, DataError, UsageError
 from barber.prune import Granularity, InitMethod, Metric, Pattern
+from barber.settings import Reconstruct
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -289,6 +290,18 @@ def _stream_parser() -> ArgumentParser:
         action="store_true",
         help="keep the initial method's updated weights (SparseGPT) instead of resetting to dense values",
     )
+    m.add_argument(
+        "--reconstruct",
+        choices=[e.value for e in Reconstruct],
+        default="none",
+        help="re-fit the kept weights on the final mask by least squares (masks and zeros unchanged): layer "
+        "(each linear against the dense layer on its own inputs), subblock (linear by linear through each "
+        "sub-block, against the dense sub-block's outputs), or none",
+    )
+    m.add_argument("--reconstruct-damp", type=float, default=0.01,
+                   help="re-fit ridge towards the dense weights, as a fraction of the mean diagonal of X^T X")
+    m.add_argument("--reconstruct-iters", type=int, default=40,
+                   help="conjugate-gradient iterations per linear of the re-fit (at most)")
     c = p.add_argument_group("calibration")
     c.add_argument(
         "--calib",
@@ -348,7 +361,7 @@ def _apply_demo(args: argparse.Namespace) -> None:
 
 
 def _settings(args: argparse.Namespace):
-    """PruneSettings from the parsed options (all validation of values happens here)."""
+    """PruneSettings from the parsed options (PruneSettings checks the values; the options' own checks here)."""
     import torch
 
     from barber.settings import PruneSettings, default_rebuild
@@ -364,25 +377,20 @@ def _settings(args: argparse.Namespace):
             raise UsageError(f"--sparsity {sparsity} contradicts --pattern {pattern} (which prunes {implied:g})")
         sparsity = implied
     sparsity = 0.5 if sparsity is None else sparsity
-    if not 0 <= sparsity < 1:
-        raise UsageError(f"--sparsity must be in [0, 1), got {sparsity}")
     init = InitMethod(args.init)
     ratio, granularity = default_rebuild(init, pattern)
     if args.rebuild_ratio is not None:
         ratio = args.rebuild_ratio
-    if not 0 <= ratio <= 1:
-        raise UsageError(f"--rebuild-ratio must be in [0, 1], got {ratio}")
     if args.granularity is not None:
         granularity = Granularity(args.granularity)
-    if pattern.structured and granularity is not Granularity.ROW:
-        raise UsageError(f"--pattern {pattern} needs --granularity row, got {granularity.value}")
     if not args.state_interval >= 0:
         raise UsageError(f"--state-interval must be >= 0 seconds, got {args.state_interval}")
-    for name in ("nsamples", "seqlen", "batch_size"):
-        if getattr(args, name) < {"seqlen": 2, "nsamples": 1, "batch_size": 0}[name]:
+    for name in ("nsamples", "seqlen"):
+        if getattr(args, name) < {"seqlen": 2, "nsamples": 1}[name]:
             raise UsageError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
     device = resolve_device(args.device)
-    return PruneSettings(
+    return _construct(
+        PruneSettings,
         sparsity=sparsity,
         pattern=pattern,
         init=init,
@@ -396,7 +404,27 @@ def _settings(args: argparse.Namespace):
         dtype=getattr(torch, args.dtype),
         batch_size=args.batch_size,
         allow_tf32=args.allow_tf32,
+        reconstruct=Reconstruct(args.reconstruct),
+        reconstruct_damp=args.reconstruct_damp,
+        reconstruct_iters=args.reconstruct_iters,
     )
+
+
+#: PruneSettings field -> the option that sets it, for SettingsError messages.
+_OPTION_OF = {
+    "sparsity": "--sparsity", "ratio": "--rebuild-ratio", "granularity": "--granularity", "batch_size": "--batch-size",
+    "reconstruct_damp": "--reconstruct-damp", "reconstruct_iters": "--reconstruct-iters",
+}
+
+
+def _construct(cls, **kwargs):
+    """`cls(**kwargs)`, a SettingsError reworded with the option's name."""
+    from barber.settings import SettingsError
+
+    try:
+        return cls(**kwargs)
+    except SettingsError as exc:
+        raise UsageError(f"{_OPTION_OF.get(exc.field, exc.field)} {exc.detail}") from None
 
 
 def _budget(args: argparse.Namespace):
