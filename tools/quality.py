@@ -2,7 +2,7 @@
 """Quality table: perplexity of SmolLM2-135M pruned by every method, with and without the rebuild.
 
 Calibrates on one text (default: Botchan) and evaluates on held-out windows of another (default:
-the Wikipedia excerpt), both fetched by tools/fetch_assets.py. Each configuration is pruned with the
+the Wikipedia excerpt), both fetched by barber-fetch-assets. Each configuration is pruned with the
 streaming pruner into a temporary directory and evaluated with the streaming evaluator. Results are
 cached per configuration in the JSON file, so an interrupted run continues where it stopped.
 
