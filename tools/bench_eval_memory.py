@@ -21,9 +21,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from barber.peak_rss import run_measured
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_synthetic_checkpoint import PRESETS, subset_checkpoint, write_synthetic_checkpoint  # noqa: E402
-from peak_rss import run_measured  # noqa: E402
 
 MODEL = "llama-13b"
 

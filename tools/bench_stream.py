@@ -35,9 +35,10 @@ from pathlib import Path
 
 import torch
 
+from barber.peak_rss import run_measured
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_synthetic_checkpoint import PRESETS, subset_checkpoint, write_synthetic_checkpoint  # noqa: E402
-from peak_rss import run_measured  # noqa: E402
 
 PHASES = {  # table column -> report phases summed into it
     "read": ("read",),
