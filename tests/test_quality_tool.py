@@ -1,4 +1,4 @@
-"""tools/quality.py: the configurations it runs and the tables it writes (no pruning here).
+"""tools/experiments/quality.py: the configurations it runs and the tables it writes (no pruning here).
 
 The script is loaded from its file (tools/ is not on the path and is not a package): its table code
 is pure, but it lives in the script that produces the README's table.
@@ -17,7 +17,7 @@ import pytest
 from barber.pipeline import PruneSettings
 from barber.prune import Granularity, InitMethod, Metric
 
-QUALITY = Path(__file__).resolve().parents[1] / "tools" / "quality.py"
+QUALITY = Path(__file__).resolve().parents[1] / "tools" / "experiments" / "quality.py"
 
 
 def _load_script(path: Path):
