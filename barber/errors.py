@@ -28,3 +28,7 @@ class DataError(BarberError):
     """Calibration or evaluation data is missing or insufficient."""
 
     exit_code = 4
+
+
+class FetchError(DataError):
+    """A fetch step failed (pip, checksum, archive layout); the message is one line."""

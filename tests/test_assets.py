@@ -1,7 +1,7 @@
-"""The real-asset cache: barber.assets paths and tools/fetch_assets.py.
+"""The real-asset cache: barber.assets paths and barber.fetch (with its two conversions).
 
 Fast tests use small fake assets (no network). Tests marked `slow` need the real cache,
-fetched by tools/bootstrap.sh (`.venv/bin/python tools/fetch_assets.py`); without it they
+fetched by tools/bootstrap.sh (`.venv/bin/python -m barber.fetch`); without it they
 skip, or fail when `CI` is set.
 """
 
@@ -23,12 +23,8 @@ import numpy as np
 import pytest
 import torch
 
-from barber import assets
-from barber.errors import DataError
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-import fetch_assets as fa  # noqa: E402
+from barber import assets, fetch, gguf_to_hf, wikitext
+from barber.errors import DataError, FetchError
 
 
 # --------------------------------------------------------------------------- helpers
@@ -116,20 +112,20 @@ def fake_pypi(monkeypatch, tmp_path):
 
     def pip_download(spec: str, dest: Path, sdist: bool = False) -> Path:
         calls.append(spec)
-        if spec == fa.GENSIM_SPEC:
-            return fake_wheel(dest / "gensim-4.4.0-py3-none-any.whl", fa.WIKI_MEMBER, wiki_bz2)
-        if spec == fa.SENTENCEPIECE_SPEC:
+        if spec == fetch.GENSIM_SPEC:
+            return fake_wheel(dest / "gensim-4.4.0-py3-none-any.whl", fetch.WIKI_MEMBER, wiki_bz2)
+        if spec == fetch.SENTENCEPIECE_SPEC:
             assert sdist
             return fake_sdist(
-                dest / "sentencepiece-0.2.1.tar.gz", {fa.BOTCHAN_MEMBER: botchan, fa.SP_MODEL_MEMBER: sp_model}
+                dest / "sentencepiece-0.2.1.tar.gz", {fetch.BOTCHAN_MEMBER: botchan, fetch.SP_MODEL_MEMBER: sp_model}
             )
         raise AssertionError(f"unexpected download {spec}")
 
     import hashlib
 
-    monkeypatch.setattr(fa, "pip_download", pip_download)
-    monkeypatch.setattr(fa, "WIKI_SHA256", hashlib.sha256(wiki_bz2).hexdigest())
-    monkeypatch.setattr(fa, "BOTCHAN_SHA256", hashlib.sha256(botchan).hexdigest())
+    monkeypatch.setattr(fetch, "pip_download", pip_download)
+    monkeypatch.setattr(fetch, "WIKI_SHA256", hashlib.sha256(wiki_bz2).hexdigest())
+    monkeypatch.setattr(fetch, "BOTCHAN_SHA256", hashlib.sha256(botchan).hexdigest())
     return calls
 
 
@@ -142,30 +138,30 @@ def test_unpermute_qk_inverts_llama_cpp_permutation():
         w = rng.standard_normal((heads * head_dim, inner)).astype(np.float32)
         stored = llama_cpp_permute(w, heads)
         assert not np.array_equal(stored, w)
-        back = fa.unpermute_qk(stored, heads)
+        back = gguf_to_hf.unpermute_qk(stored, heads)
         assert back.shape == w.shape and np.array_equal(back, w)
         # torch tensors take the same path
-        assert torch.equal(fa.unpermute_qk(torch.from_numpy(stored), heads), torch.from_numpy(w))
+        assert torch.equal(gguf_to_hf.unpermute_qk(torch.from_numpy(stored), heads), torch.from_numpy(w))
 
 
 def test_unpermute_qk_row_order_by_hand():
     # one head of dim 4: HF rows [r0 r1 r2 r3] are stored by llama.cpp as [r0 r2 r1 r3]
     stored = np.array([[0.0], [2.0], [1.0], [3.0]], dtype=np.float32)
-    assert fa.unpermute_qk(stored, 1)[:, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert gguf_to_hf.unpermute_qk(stored, 1)[:, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
     with pytest.raises(ValueError):
-        fa.unpermute_qk(np.zeros((6, 2), np.float32), 2)
+        gguf_to_hf.unpermute_qk(np.zeros((6, 2), np.float32), 2)
 
 
 def test_gguf_names_map_to_hf():
-    assert fa.gguf_to_hf_name("token_embd.weight") == "model.embed_tokens.weight"
-    assert fa.gguf_to_hf_name("output_norm.weight") == "model.norm.weight"
-    assert fa.gguf_to_hf_name("output.weight") == "lm_head.weight"
-    assert fa.gguf_to_hf_name("blk.7.attn_q.weight") == "model.layers.7.self_attn.q_proj.weight"
-    assert fa.gguf_to_hf_name("blk.0.attn_k.bias") == "model.layers.0.self_attn.k_proj.bias"
-    assert fa.gguf_to_hf_name("blk.29.ffn_down.weight") == "model.layers.29.mlp.down_proj.weight"
-    assert fa.gguf_to_hf_name("blk.3.ffn_norm.weight") == "model.layers.3.post_attention_layernorm.weight"
+    assert gguf_to_hf.gguf_to_hf_name("token_embd.weight") == "model.embed_tokens.weight"
+    assert gguf_to_hf.gguf_to_hf_name("output_norm.weight") == "model.norm.weight"
+    assert gguf_to_hf.gguf_to_hf_name("output.weight") == "lm_head.weight"
+    assert gguf_to_hf.gguf_to_hf_name("blk.7.attn_q.weight") == "model.layers.7.self_attn.q_proj.weight"
+    assert gguf_to_hf.gguf_to_hf_name("blk.0.attn_k.bias") == "model.layers.0.self_attn.k_proj.bias"
+    assert gguf_to_hf.gguf_to_hf_name("blk.29.ffn_down.weight") == "model.layers.29.mlp.down_proj.weight"
+    assert gguf_to_hf.gguf_to_hf_name("blk.3.ffn_norm.weight") == "model.layers.3.post_attention_layernorm.weight"
     with pytest.raises(DataError):
-        fa.gguf_to_hf_name("blk.0.attn_qkv.weight")
+        gguf_to_hf.gguf_to_hf_name("blk.0.attn_qkv.weight")
 
 
 def test_cache_dir_env(monkeypatch, tmp_path):
@@ -178,7 +174,7 @@ def test_cache_dir_env(monkeypatch, tmp_path):
 def test_missing_and_incomplete_assets_raise_dataerror(monkeypatch, tmp_path):
     monkeypatch.setenv("BARBER_CACHE", str(tmp_path))
     for accessor in (assets.smollm2_dir, assets.wiki_text_path, assets.botchan_path, assets.sp_test_model_path):
-        with pytest.raises(DataError, match="missing.*tools/fetch_assets.py") as e:
+        with pytest.raises(DataError, match="missing.*barber-fetch-assets") as e:
             accessor()
         assert "\n" not in str(e.value)
     # files but no marker: incomplete (a half-written asset never looks complete)
@@ -199,7 +195,7 @@ def test_missing_and_incomplete_assets_raise_dataerror(monkeypatch, tmp_path):
 
 
 def test_strip_wikitext_and_article_filter():
-    text, n = fa.wiki_xml_to_text(io.BytesIO(FAKE_XML.encode()))
+    text, n = wikitext.wiki_xml_to_text(io.BytesIO(FAKE_XML.encode()))
     assert n == 2
     assert text.startswith("= Alpha =\n")
     assert "= Beta =" in text and "Beta follows alpha." in text
@@ -213,11 +209,11 @@ def test_strip_wikitext_and_article_filter():
 
 def test_fetch_is_idempotent_and_atomic(fake_pypi, tmp_path, capsys):
     cache = tmp_path / "cache"
-    fa.fetch_all(cache, only=["wiki", "sentencepiece"])
-    assert fake_pypi == [fa.GENSIM_SPEC, fa.SENTENCEPIECE_SPEC]
+    fetch.fetch_all(cache, only=["wiki", "sentencepiece"])
+    assert fake_pypi == [fetch.GENSIM_SPEC, fetch.SENTENCEPIECE_SPEC]
     assert assets.is_complete(assets.WIKI, cache) and assets.is_complete(assets.SENTENCEPIECE, cache)
     marker = assets.read_marker(cache / assets.WIKI)
-    assert marker["source"] == fa.GENSIM_SPEC and marker["sha256"] == fa.WIKI_SHA256
+    assert marker["source"] == fetch.GENSIM_SPEC and marker["sha256"] == fetch.WIKI_SHA256
     assert (cache / assets.SENTENCEPIECE / "botchan.txt").read_bytes().startswith(b"Botchan")
     names = sorted(p.name for p in cache.iterdir() if p.name != ".fetch.lock")
     assert names == sorted([assets.WIKI, assets.SENTENCEPIECE])  # no temp dirs
@@ -225,7 +221,7 @@ def test_fetch_is_idempotent_and_atomic(fake_pypi, tmp_path, capsys):
     assert "wiki: fetched" in out and "sentencepiece-test: fetched" in out
 
     t0 = time.perf_counter()
-    fa.fetch_all(cache, only=["wiki", "sentencepiece"])
+    fetch.fetch_all(cache, only=["wiki", "sentencepiece"])
     assert time.perf_counter() - t0 < 2.0
     assert len(fake_pypi) == 2  # second run downloads nothing
     assert capsys.readouterr().out.count("already present") == 2
@@ -234,15 +230,15 @@ def test_fetch_is_idempotent_and_atomic(fake_pypi, tmp_path, capsys):
     m = json.loads((cache / assets.WIKI / assets.MARKER).read_text())
     m["format"] = -1
     (cache / assets.WIKI / assets.MARKER).write_text(json.dumps(m))
-    fa.fetch_all(cache, only=["wiki"])
-    assert fake_pypi[-1] == fa.GENSIM_SPEC and assets.read_marker(cache / assets.WIKI)["format"] != -1
+    fetch.fetch_all(cache, only=["wiki"])
+    assert fake_pypi[-1] == fetch.GENSIM_SPEC and assets.read_marker(cache / assets.WIKI)["format"] != -1
 
 
 def test_sha_mismatch_leaves_no_asset(fake_pypi, monkeypatch, tmp_path):
-    monkeypatch.setattr(fa, "BOTCHAN_SHA256", "0" * 64)
+    monkeypatch.setattr(fetch, "BOTCHAN_SHA256", "0" * 64)
     cache = tmp_path / "cache"
-    with pytest.raises(fa.FetchError, match="sha256 mismatch for .*botchan.txt") as e:
-        fa.fetch_all(cache, only=["sentencepiece"])
+    with pytest.raises(FetchError, match="sha256 mismatch for .*botchan.txt") as e:
+        fetch.fetch_all(cache, only=["sentencepiece"])
     assert "\n" not in str(e.value)
     assert [p.name for p in cache.iterdir()] == [".fetch.lock"]  # no half asset, no temp dirs
 
@@ -252,15 +248,15 @@ def test_leftovers_of_a_killed_run_are_removed(fake_pypi, tmp_path):
     (cache / ".tmp-wiki-abc123").mkdir(parents=True)
     (cache / ".tmp-wiki-abc123" / "wiki.txt").write_text("half")
     (cache / ".dl-xyz").mkdir()
-    fa.fetch_all(cache, only=["sentencepiece"])
+    fetch.fetch_all(cache, only=["sentencepiece"])
     assert sorted(p.name for p in cache.iterdir()) == [".fetch.lock", assets.SENTENCEPIECE]
 
 
 def test_cli_reports_errors_in_one_line(fake_pypi, monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(fa, "WIKI_SHA256", "f" * 64)
-    assert fa.main(["--cache", str(tmp_path), "--only", "wiki"]) == DataError.exit_code
+    monkeypatch.setattr(fetch, "WIKI_SHA256", "f" * 64)
+    assert fetch.main(["--cache", str(tmp_path), "--only", "wiki"]) == DataError.exit_code
     err = capsys.readouterr().err.strip()
-    assert err.startswith("fetch_assets: error: sha256 mismatch") and "\n" not in err
+    assert err.startswith("barber-fetch-assets: error: sha256 mismatch") and "\n" not in err
 
 
 def test_pip_failure_is_one_line(monkeypatch, tmp_path):
@@ -270,9 +266,9 @@ def test_pip_failure_is_one_line(monkeypatch, tmp_path):
             cmd, 1, stdout="", stderr="WARNING: x\nERROR: No matching distribution found for nothing==1\n"
         )
 
-    monkeypatch.setattr(fa.subprocess, "run", failing_run)
-    with pytest.raises(fa.FetchError, match=r"pip download nothing==1 failed \(exit 1\): ERROR: No matching") as e:
-        fa.pip_download("nothing==1", tmp_path)
+    monkeypatch.setattr(fetch.subprocess, "run", failing_run)
+    with pytest.raises(FetchError, match=r"pip download nothing==1 failed \(exit 1\): ERROR: No matching") as e:
+        fetch.pip_download("nothing==1", tmp_path)
     assert "\n" not in str(e.value)
 
 
@@ -286,7 +282,7 @@ def test_real_fetch_second_run_is_noop():
     real(assets.botchan_path)
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "fetch_assets.py"), "--cache", str(cache)],
+        [sys.executable, "-m", "barber.fetch", "--cache", str(cache)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -315,7 +311,7 @@ def test_real_botchan_and_sp_model():
     import sentencepiece as spm
 
     botchan = real(assets.botchan_path)
-    assert fa.sha256_file(botchan) == fa.BOTCHAN_SHA256
+    assert fetch.sha256_file(botchan) == fetch.BOTCHAN_SHA256
     sp = spm.SentencePieceProcessor(model_file=str(real(assets.sp_test_model_path)))
     assert sp.get_piece_size() == 1000
     assert sp.decode(sp.encode("I saw a girl with a telescope.")) == "I saw a girl with a telescope."
@@ -347,7 +343,7 @@ def test_real_config_is_llama():
     cfg = AutoConfig.from_pretrained(str(d))
     assert isinstance(cfg, LlamaConfig)
     raw = json.loads((d / "config.json").read_text())
-    expected = dict(fa.SMOLLM2_FACTS, model_type="llama", rope_theta=1e5, rms_norm_eps=1e-5,
+    expected = dict(gguf_to_hf.SMOLLM2_FACTS, model_type="llama", rope_theta=1e5, rms_norm_eps=1e-5,
                     max_position_embeddings=8192, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
                     torch_dtype="float32")  # fmt: skip
     assert {k: raw[k] for k in expected} == expected

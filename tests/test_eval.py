@@ -15,8 +15,8 @@ from barber.cli import eval_main
 from barber.errors import DataError
 from barber.evaluate import advance_hidden, make_windows, perplexity
 from barber.model import Arch
+from barber.peak_rss import run_measured
 from helpers_models import make_tiny_checkpoint, make_tiny_model, save_checkpoint
-from peak_rss import run_measured
 from test_tokenizer import real_asset
 
 TEXT = "".join(

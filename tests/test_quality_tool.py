@@ -1,15 +1,35 @@
-"""tools/quality.py: the configurations it runs and the tables it writes (no pruning here)."""
+"""tools/experiments/quality.py: the configurations it runs and the tables it writes (no pruning here).
+
+The script is loaded from its file (tools/ is not on the path and is not a package): its table code
+is pure, but it lives in the script that produces the README's table.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
+import sys
+from pathlib import Path
 
 import pytest
-import quality  # tools/quality.py (pytest puts tools/ on the path)
 
 from barber.settings import PruneSettings
 from barber.prune import Granularity, InitMethod, Metric
+
+QUALITY = Path(__file__).resolve().parents[1] / "tools" / "experiments" / "quality.py"
+
+
+def _load_script(path: Path):
+    """Import a script by file path, as module `tool_<stem>`."""
+    spec = importlib.util.spec_from_file_location(f"tool_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+quality = _load_script(QUALITY)
 
 META = {"nsamples": 32, "seed": 0, "seqlen": 256, "calib_name": "c.txt", "eval_windows": 4, "eval_seqlen": 512,
         "eval_name": "e.txt", "dtype": "float32", "device": "cpu"}

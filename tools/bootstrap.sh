@@ -36,7 +36,5 @@ MAX_JOBS=${MAX_JOBS:-2} "$VPY" -m pip install -q --no-build-isolation --no-deps 
   | grep -E "^barber build:|rror" || true
 "$VPY" -c "import torch, barber._C" || { echo "bootstrap: the native extension failed to build" >&2; exit 1; }
 
-if [ -f tools/fetch_assets.py ]; then
-  "$VPY" tools/fetch_assets.py
-fi
+"$VPY" -m barber.fetch
 echo "bootstrap: ready"

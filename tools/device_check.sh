@@ -11,9 +11,9 @@
 #           this GPU's arch only), under flock /tmp/barber-build.lock where flock exists
 #   tests   pytest of the native ops (tests/test_mask_ops.py, tests/test_pack_ops.py: CPU and CUDA),
 #           the CUDA perplexity test (tests/test_eval.py -k cuda) and tests/test_memory.py
-#   stream  tools/bench_stream.py: LLaMA-13B-shaped synthetic checkpoints of 2 and 4 blocks, 128 x 2048
+#   stream  tools/bench/bench_stream.py: LLaMA-13B-shaped synthetic checkpoints of 2 and 4 blocks, 128 x 2048
 #           calibration tokens, bfloat16 on cuda, plus a run under --max-gpu-memory 6GiB
-#   ops     tools/bench_ops.py --device cuda
+#   ops     tools/bench/bench_ops.py --device cuda
 #   tf32    the same 2-block prune with and without --allow-tf32: how many mask entries differ
 # Results (flat, at most 8 files, as the device tool returns them) go to $OUT:
 #   device_check.log (everything), env.txt, bench_stream.json, bench_ops.json, tf32.json, summary.txt
@@ -157,11 +157,11 @@ fi
 if wants stream; then
     if [ "$MODE" = cuda ]; then
         if [ $QUICK = 1 ]; then size=(--nsamples 32 --seqlen 2048 --blocks 2); else size=(--nsamples 128 --seqlen 2048 --blocks 2 4); fi
-        step stream 270 "$PYTHON" tools/bench_stream.py --model llama-13b "${size[@]}" --device cuda --dtype bfloat16 \
+        step stream 270 "$PYTHON" tools/bench/bench_stream.py --model llama-13b "${size[@]}" --device cuda --dtype bfloat16 \
             --gpu-budget-check 6GiB --workdir "$WORK" --json "$OUT/bench_stream.json"
     else
         if [ $QUICK = 1 ]; then size=(--blocks 2 3); else size=(--blocks 2 4); fi
-        step stream 270 "$PYTHON" tools/bench_stream.py --model smollm2-135m "${size[@]}" --nsamples 4 --seqlen 64 \
+        step stream 270 "$PYTHON" tools/bench/bench_stream.py --model smollm2-135m "${size[@]}" --nsamples 4 --seqlen 64 \
             --device cpu --budget-check 2GiB --workdir "$WORK" --json "$OUT/bench_stream.json"
     fi
 fi
@@ -169,7 +169,7 @@ fi
 # ---- bench_ops -----------------------------------------------------------------------------------
 if wants ops; then
     quick=(); { [ $QUICK = 1 ] || [ "$MODE" = cpu ]; } && quick=(--quick)
-    step ops 120 "$PYTHON" tools/bench_ops.py --device "$MODE" "${quick[@]}" --json "$OUT/bench_ops.json"
+    step ops 120 "$PYTHON" tools/bench/bench_ops.py --device "$MODE" "${quick[@]}" --json "$OUT/bench_ops.json"
 fi
 
 # ---- TF32: does it change the masks? -------------------------------------------------------------
@@ -179,9 +179,9 @@ tf32_check() {
     local n=128 seqlen=2048 model=llama-13b
     [ $QUICK = 1 ] && n=32
     [ "$MODE" = cpu ] && n=4 seqlen=64 model=smollm2-135m  # exercises the code path; TF32 does nothing on a CPU
-    "$PYTHON" tools/make_synthetic_checkpoint.py --model $model --blocks 2 --out "$dir/ckpt" || return 1
+    "$PYTHON" tools/bench/make_synthetic_checkpoint.py --model $model --blocks 2 --out "$dir/ckpt" || return 1
     local calib
-    calib=$("$PYTHON" -c 'import sys; sys.path.insert(0, "tools"); from pathlib import Path; from bench_stream import calibration_text; print(calibration_text(Path(sys.argv[1]), int(sys.argv[2])))' "$dir/calib.txt" $((n * seqlen))) || return 1
+    calib=$("$PYTHON" -c 'import sys; sys.path.insert(0, "tools/bench"); from pathlib import Path; from bench_stream import calibration_text; print(calibration_text(Path(sys.argv[1]), int(sys.argv[2])))' "$dir/calib.txt" $((n * seqlen))) || return 1
     for flag in "" --allow-tf32; do
         local out="$dir/out${flag:+-tf32}"
         "$PYTHON" -c 'import sys; from barber.cli import stream_main; sys.exit(stream_main(sys.argv[1:]))' \

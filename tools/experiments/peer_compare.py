@@ -10,7 +10,7 @@ Each row runs `barber-stream ... --eval` as its own process under /usr/bin/time,
 time and peak RSS of the whole command (load, calibration, pruning, writing, evaluation), like the
 original's figures.
 
-    .venv/bin/python tools/peer_compare.py [--only wanda] [--json runs/peer_compare.json]
+    .venv/bin/python tools/experiments/peer_compare.py [--only wanda] [--json runs/peer_compare.json]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from barber import assets  # noqa: E402

@@ -6,8 +6,8 @@ The micro-batch (samples per forward/backward call) is chosen by the memory plan
 an output that depends on it depends on the machine's memory. It changes the order of float32 sums
 in the calibration statistics and gradients, and that alone can move near-tied mask entries.
 
-    .venv/bin/python tools/microbatch_check.py                          # wanda 50%, no rebuild, 4 vs 16
-    .venv/bin/python tools/microbatch_check.py --rebuild-ratio 0.1 --eval
+    .venv/bin/python tools/experiments/microbatch_check.py                          # wanda 50%, no rebuild, 4 vs 16
+    .venv/bin/python tools/experiments/microbatch_check.py --rebuild-ratio 0.1 --eval
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from barber import assets  # noqa: E402

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Time and memory of `barber-stream` on synthetic checkpoints of real widths, at several depths.
 
-    .venv/bin/python tools/bench_stream.py [--model llama-13b] [--blocks 2 4 8] [--nsamples 4] [--seqlen 128]
+    .venv/bin/python tools/bench/bench_stream.py [--model llama-13b] [--blocks 2 4 8] [--nsamples 4] [--seqlen 128]
         [--device cpu|cuda] [--dtype float32] [--max-cpu-memory SIZE] [--max-gpu-memory SIZE]
         [--budget-check SIZE] [--workdir /tmp] [--keep] [--json PATH] [-- EXTRA barber-stream ARGS]
 
-Writes one random checkpoint of max(--blocks) blocks (tools/make_synthetic_checkpoint.py, bfloat16,
+Writes one random checkpoint of max(--blocks) blocks (tools/bench/make_synthetic_checkpoint.py, bfloat16,
 real sharding), links a checkpoint of each depth to it, and prunes each with barber-stream (Wanda +
 rebuild by default) in a fresh interpreter, so the peak RSS (VmHWM of the child) is that run's alone.
 From each run's barber_report.json it takes the per-block time split (read; forward = statistics
@@ -35,9 +35,10 @@ from pathlib import Path
 
 import torch
 
+from barber.peak_rss import run_measured
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_synthetic_checkpoint import PRESETS, subset_checkpoint, write_synthetic_checkpoint  # noqa: E402
-from peak_rss import run_measured  # noqa: E402
 
 PHASES = {  # table column -> report phases summed into it
     "read": ("read",),

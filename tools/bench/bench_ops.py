@@ -1,6 +1,6 @@
 """Benchmark barber's native ops against research code and plain torch (issue #2).
 
-    .venv/bin/python tools/bench_ops.py [--device cpu|cuda] [--quick] [--json PATH] [--ops OP ...]
+    .venv/bin/python tools/bench/bench_ops.py [--device cpu|cuda] [--quick] [--json PATH] [--ops OP ...]
 
 For LLaMA-13B weight shapes (5120x13824, 13824x5120, 5120x5120; --quick: the same
 aspects divided by 8) and each dtype (float32, float16, bfloat16) it times every native

@@ -4,8 +4,8 @@
 A change that must not change the output (a refactor, a new option left at its default) is shown
 to keep the bytes by running this before and after it and comparing the lines:
 
-    .venv/bin/python tools/same_bytes.py > before.txt   # on the old commit
-    .venv/bin/python tools/same_bytes.py > after.txt    # on the new one
+    .venv/bin/python tools/experiments/same_bytes.py > before.txt   # on the old commit
+    .venv/bin/python tools/experiments/same_bytes.py > after.txt    # on the new one
     diff before.txt after.txt
 
 Each configuration runs `barber-stream` in a child process (8 x 128 Botchan tokens, seed 0,
@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 #: name -> barber-stream flags beyond the common ones.
 CONFIGS = {

@@ -2,7 +2,8 @@
 
 The peak is VmHWM (the peak RSS of the child's own process image), not ru_maxrss: Linux carries
 ru_maxrss over from the forking parent across execve, so it would report the parent's peak.
-Used by tools/bench_stream.py, tools/bench_eval_memory.py and tests/test_eval.py.
+Used by the stream and eval-memory benchmarks in tools/ and by tests/test_eval.py; not imported by the
+rest of the package.
 """
 
 from __future__ import annotations

@@ -2,14 +2,14 @@
 """Quality table: perplexity of SmolLM2-135M pruned by every method, with and without the rebuild.
 
 Calibrates on one text (default: Botchan) and evaluates on held-out windows of another (default:
-the Wikipedia excerpt), both fetched by tools/fetch_assets.py. Each configuration is pruned with the
+the Wikipedia excerpt), both fetched by barber-fetch-assets. Each configuration is pruned with the
 streaming pruner into a temporary directory and evaluated with the streaming evaluator. Results are
 cached per configuration in the JSON file, so an interrupted run continues where it stopped.
 
-    .venv/bin/python tools/quality.py                       # the main table (dense + 21 runs)
-    .venv/bin/python tools/quality.py --set sweep           # rebuild settings on Wanda 50%
-    .venv/bin/python tools/quality.py --only wanda          # configurations whose name matches a regex
-    .venv/bin/python tools/quality.py --only wanda --rerun  # the same, ignoring the cached results
+    .venv/bin/python tools/experiments/quality.py                       # the main table (dense + 21 runs)
+    .venv/bin/python tools/experiments/quality.py --set sweep           # rebuild settings on Wanda 50%
+    .venv/bin/python tools/experiments/quality.py --only wanda          # configurations whose name matches a regex
+    .venv/bin/python tools/experiments/quality.py --only wanda --rerun  # the same, ignoring the cached results
 
 Writes `--json` (default runs/quality.json) and `--markdown` (default runs/quality.md).
 """
@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402

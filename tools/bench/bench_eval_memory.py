@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Peak RSS of `barber-eval` on random LLaMA-13B-width checkpoints of 2, 4 and 8 blocks.
 
-Writes a random-weight checkpoint (tools/make_synthetic_checkpoint.py: hidden 5120, intermediate 13824,
+Writes a random-weight checkpoint (tools/bench/make_synthetic_checkpoint.py: hidden 5120, intermediate 13824,
 40 heads; bfloat16 storage, ~0.63 GB per block, SmolLM2's tokenizer) into a scratch directory, builds one
 checkpoint directory per depth that links to its shard files, runs `barber-eval` on each in a fresh interpreter and prints its peak RSS
 (VmHWM of the child) and wall time. The scratch directory is deleted afterwards unless --keep.
@@ -9,7 +9,7 @@ checkpoint directory per depth that links to its shard files, runs `barber-eval`
 Acceptance (issue #3): peak RSS for 8 blocks <= 1.1x that for 2 blocks, and under 4 GB.
 
 Usage:
-    .venv/bin/python tools/bench_eval_memory.py [--blocks 2 4 8] [--workdir /tmp] [--seqlen 128] [--windows 2]
+    .venv/bin/python tools/bench/bench_eval_memory.py [--blocks 2 4 8] [--workdir /tmp] [--seqlen 128] [--windows 2]
         [--model llama-13b]
 """
 
@@ -21,9 +21,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from barber.peak_rss import run_measured
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_synthetic_checkpoint import PRESETS, subset_checkpoint, write_synthetic_checkpoint  # noqa: E402
-from peak_rss import run_measured  # noqa: E402
 
 MODEL = "llama-13b"
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Random-weight checkpoints with the shapes of real models, for memory and speed benchmarks.
 
-    .venv/bin/python tools/make_synthetic_checkpoint.py --model llama-13b --blocks 8 --out /tmp/l13b-8
+    .venv/bin/python tools/bench/make_synthetic_checkpoint.py --model llama-13b --blocks 8 --out /tmp/l13b-8
         [--dtype bfloat16|float16|float32] [--max-shard-size 5GB] [--seed 0] [--vocab-size N] [--overwrite]
 
 Writes a Hugging Face directory barber (and transformers) can read: config.json with the preset's
