@@ -20,9 +20,9 @@ import threading
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
-from barber.errors import BarberError, DataError, UsageError
+from barber.errors import BarberError, UsageError
 from barber.prune import Granularity, InitMethod, Metric, Pattern
-from barber.settings import Reconstruct
+from barber.settings import DEFAULT_RECIPE, RECIPES, Reconstruct
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -75,16 +75,6 @@ def resolve_device(name: str):
         raise UsageError(f"--device {name}: not a device name") from None
 
 
-def read_text(path: str) -> str:
-    """The text of an evaluation file; missing or unreadable is a DataError."""
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such text file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read text ({exc})") from None
-
-
 def _eval_parser() -> ArgumentParser:
     p = ArgumentParser(prog="barber-eval", description="Streaming perplexity of a Hugging Face checkpoint.")
     p.add_argument("--ckpt", required=True, help="checkpoint directory (config.json + safetensors + tokenizer)")
@@ -114,6 +104,7 @@ def _eval_body(argv: Sequence[str] | None) -> int:
     import torch
 
     from barber.checkpoint import Checkpoint
+    from barber.api import read_text
     from barber.evaluate import perplexity
     from barber.tokenizer import load_tokenizer
 
@@ -262,7 +253,15 @@ def _stream_parser() -> ArgumentParser:
     m = p.add_argument_group("pruning")
     m.add_argument("--sparsity", type=float, default=None, help="fraction pruned per row, in [0, 1) (default 0.5; N:M implies 1-N/M)")
     m.add_argument("--pattern", default="unstructured", help="unstructured, or N:M such as 2:4 or 4:8 (N kept of every M)")
-    m.add_argument("--init", choices=[e.value for e in InitMethod], default="wanda", help="initial mask")
+    m.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default=DEFAULT_RECIPE,
+        help="the starting point the options below override: "
+        + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()),
+    )
+    m.add_argument("--init", choices=[e.value for e in InitMethod], default=None,
+                   help="initial mask (default: the recipe's, wanda)")
     m.add_argument(
         "--magnitude-scope",
         choices=["row", "layer"],
@@ -293,10 +292,10 @@ def _stream_parser() -> ArgumentParser:
     m.add_argument(
         "--reconstruct",
         choices=[e.value for e in Reconstruct],
-        default="none",
+        default=None,
         help="re-fit the kept weights on the final mask by least squares (masks and zeros unchanged): layer "
         "(each linear against the dense layer on its own inputs), subblock (linear by linear through each "
-        "sub-block, against the dense sub-block's outputs), or none",
+        "sub-block, against the dense sub-block's outputs), or none (default: the recipe's)",
     )
     m.add_argument("--reconstruct-damp", type=float, default=0.01,
                    help="re-fit ridge towards the dense weights, as a fraction of the mean diagonal of X^T X")
@@ -361,10 +360,11 @@ def _apply_demo(args: argparse.Namespace) -> None:
 
 
 def _settings(args: argparse.Namespace):
-    """PruneSettings from the parsed options (PruneSettings checks the values; the options' own checks here)."""
-    import torch
+    """PruneSettings from the parsed options: the recipe's, overridden by every option given.
 
-    from barber.settings import PruneSettings, default_rebuild
+    PruneSettings checks the values; the options that are not settings are checked here.
+    """
+    import torch
 
     try:
         pattern = Pattern.parse(args.pattern)
@@ -375,36 +375,30 @@ def _settings(args: argparse.Namespace):
         implied = 1 - pattern.n / pattern.m
         if sparsity is not None and abs(sparsity - implied) > 1e-12:
             raise UsageError(f"--sparsity {sparsity} contradicts --pattern {pattern} (which prunes {implied:g})")
-        sparsity = implied
-    sparsity = 0.5 if sparsity is None else sparsity
-    init = InitMethod(args.init)
-    ratio, granularity = default_rebuild(init, pattern)
-    if args.rebuild_ratio is not None:
-        ratio = args.rebuild_ratio
-    if args.granularity is not None:
-        granularity = Granularity(args.granularity)
     if not args.state_interval >= 0:
         raise UsageError(f"--state-interval must be >= 0 seconds, got {args.state_interval}")
     for name in ("nsamples", "seqlen"):
         if getattr(args, name) < {"seqlen": 2, "nsamples": 1}[name]:
             raise UsageError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
-    device = resolve_device(args.device)
+    given = {
+        "init": None if args.init is None else InitMethod(args.init),
+        "rebuild": False if args.no_rebuild else None,
+        "ratio": args.rebuild_ratio,
+        "granularity": None if args.granularity is None else Granularity(args.granularity),
+        "retain_reconstruction": True if args.retain_reconstruction else None,
+        "reconstruct": None if args.reconstruct is None else Reconstruct(args.reconstruct),
+    }
     return _construct(
-        PruneSettings,
-        sparsity=sparsity,
+        RECIPES[args.recipe].settings,
         pattern=pattern,
-        init=init,
-        rebuild=not args.no_rebuild,
-        ratio=ratio,
-        granularity=granularity,
+        sparsity=sparsity,
+        **{k: v for k, v in given.items() if v is not None},
         metric=Metric(args.metric),
-        retain_reconstruction=args.retain_reconstruction,
         magnitude_per_matrix=args.magnitude_scope == "layer",
-        device=str(device),
+        device=str(resolve_device(args.device)),
         dtype=getattr(torch, args.dtype),
         batch_size=args.batch_size,
         allow_tf32=args.allow_tf32,
-        reconstruct=Reconstruct(args.reconstruct),
         reconstruct_damp=args.reconstruct_damp,
         reconstruct_iters=args.reconstruct_iters,
     )
@@ -440,31 +434,6 @@ def _budget(args: argparse.Namespace):
     )
 
 
-def _check_pattern_fits(ckpt, pattern: Pattern) -> None:
-    if not pattern.structured:
-        return
-    for name, shape in ckpt.family.block_shapes(ckpt.config).items():
-        if name.endswith(".weight") and name.rsplit(".", 1)[0] in ckpt.family.linears and shape[1] % pattern.m:
-            raise UsageError(f"--pattern {pattern}: {name} has {shape[1]} input columns, not divisible by {pattern.m}")
-
-
-def _summary(blocks: int, settings, report: dict, out: Path) -> str:
-    """One line saying what the run did."""
-    method = f"{settings.pattern}, {settings.init.value}"
-    if settings.rebuild:
-        method += f" + rebuild ({settings.granularity.value}, alpha {settings.ratio:g}): {report['swaps']} swaps"
-    else:
-        method += ", no rebuild"
-    resumed = f" (resumed at block {report['resumed_at_block']})" if report.get("resumed_at_block") else ""
-    lo, hi = report.get("row_sparsity", [report["sparsity"]] * 2)
-    rows = f", rows {lo:.4f} to {hi:.4f}" if hi - lo > 1e-12 else ""
-    return (
-        f"pruned {blocks} blocks{resumed} to sparsity {report['sparsity']:.4f}{rows} ({method}) "
-        f"in {report['seconds']['total']:.1f} s, "
-        f"peak RSS {report['peak_rss'] / 2**30:.2f} GiB -> {out}"
-    )
-
-
 def _stream_body(argv: Sequence[str] | None) -> int:
     args = _stream_parser().parse_args(argv)
     setup_logging(args.verbose)
@@ -475,46 +444,25 @@ def _stream_body(argv: Sequence[str] | None) -> int:
     settings = _settings(args)
 
     from barber import assets
-    from barber.calib import load_calibration
+    from barber.api import Evaluation, prune_and_evaluate
     from barber.checkpoint import Checkpoint
-    from barber.evaluate import perplexity
     from barber.pipeline import Pruner
-    from barber.run import REPORT_NAME, RESUME_HINT, Interrupted, inspect_output, prune_checkpoint
-    from barber.tokenizer import load_tokenizer
-    from barber.writer import write_json_atomic
+    from barber.run import RESUME_HINT, Interrupted, inspect_output
 
     ckpt = Checkpoint.open(args.ckpt)
-    out = Path(args.out)
-    inspect_output(ckpt.path, out, overwrite=args.overwrite, resume=args.resume)  # fail before the slow parts
-    _check_pattern_fits(ckpt, settings.pattern)
-    tokenizer = load_tokenizer(ckpt.path)
-    calib = Path(args.calib) if args.calib else assets.botchan_path()
-    ids = load_calibration(
-        calib, tokenizer.encode, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-        vocab_size=ckpt.config.vocab_size,
-    )
-    eval_seqlen = args.eval_seqlen or ids.shape[1]
-    eval_needed = None if args.eval_windows is None else args.eval_windows * eval_seqlen
-    eval_ids = tokenizer.encode_prefix(read_text(args.eval), eval_needed) if args.eval else None
-    progress = not args.no_progress
-
-    def measure(checkpoint):
-        return perplexity(
-            checkpoint, eval_ids, seqlen=eval_seqlen, max_windows=args.eval_windows, device=settings.device,
-            dtype=settings.dtype, progress=progress,
-        )
-
-    dense = measure(ckpt) if eval_ids is not None and args.eval_dense else None
-    if dense is not None:
-        print(f"dense perplexity {dense.ppl:.4f} ({dense.n_windows} windows of {eval_seqlen} tokens of {args.eval})")
-    extra = {"calibration": {"source": str(calib), "seed": args.seed}}
+    inspect_output(ckpt.path, Path(args.out), overwrite=args.overwrite, resume=args.resume)  # before the slow parts
     budget = _budget(args)
-    Pruner(ckpt, settings, progress=False, budget=budget).prepare(*ids.shape)  # an impossible budget fails here
+    Pruner(ckpt, settings, progress=False, budget=budget).prepare(args.nsamples, args.seqlen)  # an impossible budget
+    evaluation = None
+    if args.eval:
+        evaluation = Evaluation(args.eval, args.eval_windows, args.eval_seqlen, args.eval_dense)
     with GracefulStop("barber-stream") as stop:
         try:
-            report = prune_checkpoint(
-                ckpt, out, settings, ids, overwrite=args.overwrite, resume=args.resume, progress=progress,
-                extra_report=extra, should_stop=stop, budget=budget, state_interval=args.state_interval,
+            prune_and_evaluate(
+                ckpt, args.out, settings, Path(args.calib) if args.calib else assets.botchan_path(),
+                nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, evaluation=evaluation, budget=budget,
+                overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress, should_stop=stop,
+                state_interval=args.state_interval, say=print,
             )
         except KeyboardInterrupt:
             signum = stop.signum or signal.SIGINT
@@ -523,12 +471,6 @@ def _stream_body(argv: Sequence[str] | None) -> int:
                 f"{RESUME_HINT}",
                 signum,
             ) from None
-    print(_summary(ckpt.num_layers, settings, report, out))
-    if eval_ids is not None:
-        result = measure(Checkpoint.open(out))
-        report["eval"] = {"pruned": result.to_dict(), "dense": dense.to_dict() if dense else None}
-        write_json_atomic(out / REPORT_NAME, report)
-        print(f"pruned perplexity {result.ppl:.4f} ({result.n_windows} windows of {eval_seqlen} tokens of {args.eval})")
     return 0
 
 

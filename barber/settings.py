@@ -109,3 +109,51 @@ class PruneSettings:
         out["dtype"] = str(self.dtype).removeprefix("torch.")
         out["reconstruct"] = self.reconstruct.value
         return out
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named starting point for `PruneSettings`: the initial method and which steps run.
+
+    The rebuild's ratio and granularity follow `default_rebuild` for the initial method and
+    pattern; every explicit setting overrides the recipe's.
+    """
+
+    name: str
+    summary: str
+    init: InitMethod
+    rebuild: bool
+    reconstruct: Reconstruct
+    retain_reconstruction: bool = False
+
+    def settings(self, pattern: Pattern = Pattern(), sparsity: float | None = None, **overrides) -> PruneSettings:
+        """PruneSettings of this recipe for `pattern` (sparsity None: 0.5, or what N:M implies)."""
+        init = overrides.pop("init", self.init)
+        ratio, granularity = default_rebuild(init, pattern)
+        if sparsity is None:
+            sparsity = 1 - pattern.n / pattern.m if pattern.structured else 0.5
+        values = dict(
+            sparsity=sparsity, pattern=pattern, init=init, rebuild=self.rebuild, ratio=ratio, granularity=granularity,
+            reconstruct=self.reconstruct, retain_reconstruction=self.retain_reconstruction,
+        )
+        values.update(overrides)
+        return PruneSettings(**values)
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe(
+            "paper", "LLM-Barber as published and as the reference code runs it: Wanda, the rebuild at the "
+            "reference ratio and granularity, weights reset to their dense values, no re-fit",
+            InitMethod.WANDA, True, Reconstruct.NONE,
+        ),
+        Recipe(
+            "refit", "the paper's recipe, then the kept weights re-fitted linear by linear through each sub-block "
+            "against the dense sub-block's outputs",
+            InitMethod.WANDA, True, Reconstruct.SUBBLOCK,
+        ),
+    )
+}
+#: The recipe used when none is named (see the README, "Recipes", for why).
+DEFAULT_RECIPE = "paper"

@@ -10,8 +10,15 @@ cached per configuration in the JSON file, so an interrupted run continues where
     .venv/bin/python tools/experiments/quality.py --set sweep           # rebuild settings on Wanda 50%
     .venv/bin/python tools/experiments/quality.py --only wanda          # configurations whose name matches a regex
     .venv/bin/python tools/experiments/quality.py --only wanda --rerun  # the same, ignoring the cached results
+    .venv/bin/python tools/experiments/quality.py --set recipes         # baselines vs the re-fit recipes, 3 seeds
+    .venv/bin/python tools/experiments/quality.py --set recipes --protocol wiki-halves  # same-domain calibration
 
-Writes `--json` (default runs/quality.json) and `--markdown` (default runs/quality.md).
+`--protocol botchan` (the default) calibrates on Botchan and evaluates on the Wikipedia excerpt;
+`wiki-halves` calibrates on the second half of the Wikipedia articles and evaluates on the first
+(the same evaluation windows), to tell better pruning apart from less overfitting to a novel.
+
+Writes `--json` and `--markdown` (default runs/quality.json and .md for the main set on Botchan,
+runs/quality-SET-PROTOCOL.json and .md otherwise).
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from barber import assets  # noqa: E402
 from barber.calib import load_calibration  # noqa: E402
 from barber.checkpoint import Checkpoint  # noqa: E402
 from barber.evaluate import perplexity  # noqa: E402
-from barber.settings import PruneSettings, default_rebuild  # noqa: E402
+from barber.settings import PruneSettings, Reconstruct, default_rebuild  # noqa: E402
 from barber.prune import Granularity, InitMethod, Metric, Pattern  # noqa: E402
 from barber.run import prune_checkpoint  # noqa: E402
 from barber.tokenizer import load_tokenizer  # noqa: E402
@@ -111,6 +118,47 @@ def sweep() -> dict[str, Run]:
                 replace(base, ratio=0.1, granularity=Granularity.ROW, metric=metric), n
             )
     return runs
+
+
+RECIPE_SEEDS = (0, 1, 2)
+
+
+def recipes() -> dict[str, Run]:
+    """Per pattern and calibration seed: Wanda, SparseGPT, the paper's recipe, and the re-fit recipes."""
+    runs: dict[str, Run] = {"dense": Run(None)}
+    for seed in RECIPE_SEEDS:
+        tag = "" if seed == 0 else f", seed {seed}"
+        for label, pattern in PATTERNS.items():
+            sparsity = 1 - pattern.n / pattern.m if pattern.structured else 0.5
+            ratio, granularity = default_rebuild(InitMethod.WANDA, pattern)
+            paper = PruneSettings(sparsity=sparsity, pattern=pattern, ratio=ratio, granularity=granularity)
+            wanda = replace(paper, rebuild=False)
+            sgpt = replace(wanda, init=InitMethod.SPARSEGPT)
+            configs = {
+                f"wanda {label}": wanda,
+                f"sparsegpt {label}": sgpt,
+                f"paper (wanda + rebuild) {label}": paper,
+                f"wanda {label} + refit layer": replace(wanda, reconstruct=Reconstruct.LAYER),
+                f"wanda {label} + refit subblock": replace(wanda, reconstruct=Reconstruct.SUBBLOCK),
+                f"paper {label} + refit subblock": replace(paper, reconstruct=Reconstruct.SUBBLOCK),
+                f"sparsegpt {label} + refit subblock": replace(sgpt, reconstruct=Reconstruct.SUBBLOCK),
+            }
+            runs.update({name + tag: Run(settings, seed=seed) for name, settings in configs.items()})
+    return runs
+
+
+def calibration_loss(report: dict) -> float | None:
+    """Geometric mean over sub-blocks of the final sub-block output error on the calibration windows
+    (against the dense sub-block on the same input); None where the run records none."""
+    logs = [math.log(sb["loss_after"]) for b in report["blocks"] for sb in b["subblocks"] if sb.get("loss_after")]
+    return math.exp(sum(logs) / len(logs)) if logs else None
+
+
+def wiki_halves(text: str) -> tuple[str, str]:
+    """The Wikipedia excerpt split between its articles (lines "= Title ="): (first half, second half)."""
+    starts = [m.start() for m in re.finditer(r"^= [^=].* =$", text, flags=re.M)]
+    cut = starts[len(starts) // 2] if len(starts) > 1 else len(text) // 2
+    return text[:cut], text[cut:]
 
 
 def reconstruction_ratio(report: dict) -> float | None:
@@ -220,7 +268,9 @@ def axis_tables(results: dict, meta: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--set", choices=["main", "sweep"], default="main")
+    p.add_argument("--set", choices=["main", "sweep", "recipes"], default="main")
+    p.add_argument("--protocol", choices=["botchan", "wiki-halves"], default="botchan",
+                   help="calibration text: Botchan, or the second half of the Wikipedia articles (see above)")
     p.add_argument("--only", default=None, help="run only configurations whose name matches this regular expression")
     p.add_argument("--rerun", action="store_true", help="run the selected configurations again even if cached")
     p.add_argument("--ckpt", default=None, help="model (default: the fetched SmolLM2-135M)")
@@ -233,13 +283,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--json", default="runs/quality.json")
-    p.add_argument("--markdown", default="runs/quality.md")
+    p.add_argument("--json", default=None)
+    p.add_argument("--markdown", default=None)
     args = p.parse_args(argv)
+    stem = "runs/quality" if (args.set, args.protocol) == ("main", "botchan") else f"runs/quality-{args.set}-{args.protocol}"
+    args.json, args.markdown = args.json or stem + ".json", args.markdown or stem + ".md"
 
     ckpt_dir = Path(args.ckpt) if args.ckpt else assets.smollm2_dir()
-    calib = Path(args.calib) if args.calib else assets.botchan_path()
     eval_text = Path(args.eval) if args.eval else assets.wiki_text_path()
+    calib = Path(args.calib) if args.calib else assets.botchan_path()
+    eval_source = eval_text.read_text(encoding="utf-8")
+    if args.protocol == "wiki-halves":
+        eval_source, calib_source = wiki_halves(eval_source)
+        calib = Path(args.json).with_suffix(".calib.txt")
+        calib.parent.mkdir(parents=True, exist_ok=True)
+        calib.write_text(calib_source, encoding="utf-8")
     dtype = getattr(torch, args.dtype)
     ckpt = Checkpoint.open(ckpt_dir)
     tok = load_tokenizer(ckpt_dir)
@@ -253,10 +311,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         return calib_ids[nsamples, seed]
 
-    eval_ids = tok.encode(eval_text.read_text(encoding="utf-8"))
+    eval_ids = tok.encode_prefix(eval_source, args.eval_windows * args.eval_seqlen)
     meta = {
         "model": str(ckpt_dir), "calib": str(calib), "calib_name": calib.name, "eval": str(eval_text),
-        "eval_name": eval_text.name, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
+        "eval_name": eval_text.name + (" (first half of the articles)" if args.protocol == "wiki-halves" else ""),
+        "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
         "eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows, "device": args.device, "dtype": args.dtype,
     }
 
@@ -271,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device, dtype=dtype, progress=False,
         ).ppl
 
-    runs = main_table() if args.set == "main" else sweep()
+    runs = {"main": main_table, "sweep": sweep, "recipes": recipes}[args.set]()
     for name, run in runs.items():
         if args.only and not re.search(args.only, name):
             continue
@@ -295,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                     "swaps": report["swaps"] if settings.rebuild else None,
                     "seconds": report["seconds"]["total"],
                     "recon_ratio": reconstruction_ratio(report) if settings.rebuild else None,
+                    "calib_loss": calibration_loss(report),
+                    "peak_rss": report["peak_rss"],
                     "row_sparsity": report["row_sparsity"],
                     "nsamples": nsamples,
                     "seed": seed,
