@@ -299,7 +299,7 @@ def _stream_parser() -> ArgumentParser:
     )
     m.add_argument("--reconstruct-damp", type=float, default=0.01,
                    help="re-fit ridge towards the dense weights, as a fraction of the mean diagonal of X^T X")
-    m.add_argument("--reconstruct-iters", type=int, default=40,
+    m.add_argument("--reconstruct-iters", type=int, default=16,
                    help="conjugate-gradient iterations per linear of the re-fit (at most)")
     c = p.add_argument_group("calibration")
     c.add_argument(

@@ -73,7 +73,7 @@ class PruneSettings:
     allow_tf32: bool = False  # let float32 matmuls on a GPU use TF32 (see barber.pipeline)
     reconstruct: Reconstruct = Reconstruct.NONE
     reconstruct_damp: float = 0.01  # ridge towards the dense weights, times the mean diagonal of X^T X
-    reconstruct_iters: int = 40  # conjugate-gradient iterations per linear (at most)
+    reconstruct_iters: int = 16  # conjugate-gradient iterations per linear (at most; see tools/experiments/refit_solvers.py)
 
     def __post_init__(self) -> None:
         if not (0 <= self.sparsity < 1):  # also false for NaN

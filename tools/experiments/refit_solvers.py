@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""Re-fit solvers on real layers: calibration error against time, conjugate gradients vs exact solves.
+
+Takes one block of SmolLM2-135M (default block 3), runs the dense model up to it on 32 x 256
+Botchan tokens, collects each linear's X^T X as the pruner does, prunes with Wanda (50% or N:M)
+and re-fits every linear's kept weights with `masked_pcg` at several iteration counts and with
+`exact_masked_lstsq` (float64, one solve per row). Prints, per linear, the relative error
+sum ||(W - W_d) x||^2 / sum ||W_d x||^2 without a re-fit and after each solver, and the seconds.
+
+    .venv/bin/python tools/experiments/refit_solvers.py --block 3 --pattern 2:4
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from barber import assets, prune  # noqa: E402
+from barber.calib import load_calibration  # noqa: E402
+from barber.checkpoint import Checkpoint  # noqa: E402
+from barber.initial import Stats  # noqa: E402
+from barber.model import Arch  # noqa: E402
+from barber.reconstruct import damped, exact_masked_lstsq, masked_pcg  # noqa: E402
+from barber.tokenizer import load_tokenizer  # noqa: E402
+
+
+def relative_error(w: torch.Tensor, w_dense: torch.Tensor, hessian: torch.Tensor) -> float:
+    d = (w - w_dense).double()
+    h = hessian.double()
+    return float(((d @ h) * d).sum() / ((w_dense.double() @ h) * w_dense.double()).sum())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--block", type=int, default=3)
+    p.add_argument("--pattern", default="unstructured")
+    p.add_argument("--iters", default="5,10,20,40", help="conjugate-gradient iteration counts, comma-separated")
+    p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--no-exact", action="store_true", help="skip the exact per-row solves (slow on wide rows)")
+    args = p.parse_args(argv)
+    pattern = prune.Pattern.parse(args.pattern)
+
+    ckpt = Checkpoint.open(assets.smollm2_dir())
+    arch = Arch.from_checkpoint(ckpt)
+    ids = load_calibration(assets.botchan_path(), load_tokenizer(ckpt.path).encode, nsamples=32, seqlen=256, seed=0,
+                           vocab_size=ckpt.config.vocab_size)
+    pos = arch.positions(ids.shape[1])
+    with torch.no_grad():
+        h = arch.embed(ids, ckpt.embedding_weights(dtype=torch.float32))
+        for i in range(args.block):
+            h = arch.block_forward(h, ckpt.block_weights(i, dtype=torch.float32), pos)
+        dense = ckpt.block_weights(args.block, dtype=torch.float32)
+        stats = Stats(hessian=True)
+        arch.block_forward(h, dense, pos, stats.linear(dense))
+    print(f"block {args.block}, {args.pattern}, Wanda masks, damp {args.damp}; relative error (seconds)")
+    header = ["linear", "no re-fit", *(f"cg {n}" for n in args.iters.split(","))] + ([] if args.no_exact else ["exact"])
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for name in ckpt.family.linears:
+        w_dense, hessian = dense[name + ".weight"].float(), stats.xtx[name]
+        mask = prune.select(prune.wanda_scores(w_dense, stats.sq[name]), 0.5, pattern)
+        hd, lam = damped(hessian, args.damp)
+        rhs = w_dense @ hessian + lam * w_dense
+        cells = [f"{relative_error(w_dense * mask, w_dense, hessian):.4f}"]
+        for n in args.iters.split(","):
+            t0 = time.perf_counter()
+            w = masked_pcg(hd, rhs, w_dense * mask, mask, int(n))
+            cells.append(f"{relative_error(w, w_dense, hessian):.4f} ({time.perf_counter() - t0:.2f})")
+        if not args.no_exact:
+            t0 = time.perf_counter()
+            w = exact_masked_lstsq(hd, rhs, mask)
+            cells.append(f"{relative_error(w, w_dense, hessian):.4f} ({time.perf_counter() - t0:.2f})")
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
