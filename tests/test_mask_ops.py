@@ -17,17 +17,10 @@ import torch
 
 from barber import _native, ops
 from barber import reference as ref
-from conftest import devices, skip_or_fail
+from conftest import devices
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 INF = float("inf")
-
-
-@pytest.fixture(scope="module")
-def native() -> None:
-    """Skips (or fails under BARBER_REQUIRE_NATIVE=1) when barber._C is not built."""
-    if not _native.available():
-        skip_or_fail("barber._C is not built: the native mask ops are unavailable")
 
 
 def _scores(kind: str, rows: int, cols: int, dtype: torch.dtype, device: str, seed: int = 0) -> torch.Tensor:
@@ -76,65 +69,50 @@ def _b(rows: list[list[int]]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.bool)
 
 
-BACKENDS = ["torch", "native"]
-
-
-def _backend(request, backend: str) -> str:
-    if backend == "native":
-        request.getfixturevalue("native")
-    return backend
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_topk_literal(request, backend: str) -> None:
-    be = _backend(request, backend)
+def test_topk_literal(backend: str) -> None:
     x = _t([[3, 1, 2, 3, 0], [1, 1, 1, 1, 1], [-0.0, 0.0, -1, INF, -INF]])
-    assert torch.equal(ops.topk_mask(x, 2, backend=be), _b([[1, 0, 0, 1, 0], [1, 1, 0, 0, 0], [1, 0, 0, 1, 0]]))
-    assert torch.equal(ops.topk_mask(x, 0, backend=be), torch.zeros(3, 5, dtype=torch.bool))
-    assert torch.equal(ops.topk_mask(x, 5, backend=be), torch.ones(3, 5, dtype=torch.bool))
-    assert torch.equal(ops.topk_mask(_t([[0.0, -0.0]]), 1, backend=be), _b([[1, 0]]))  # -0.0 == +0.0: lower column
+    assert torch.equal(ops.topk_mask(x, 2, backend=backend), _b([[1, 0, 0, 1, 0], [1, 1, 0, 0, 0], [1, 0, 0, 1, 0]]))
+    assert torch.equal(ops.topk_mask(x, 0, backend=backend), torch.zeros(3, 5, dtype=torch.bool))
+    assert torch.equal(ops.topk_mask(x, 5, backend=backend), torch.ones(3, 5, dtype=torch.bool))
+    assert torch.equal(ops.topk_mask(_t([[0.0, -0.0]]), 1, backend=backend), _b([[1, 0]]))  # -0.0 == +0.0: lower column
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_nm_literal(request, backend: str) -> None:
-    be = _backend(request, backend)
+def test_nm_literal(backend: str) -> None:
     x = _t([[4, 3, 2, 1, 1, 2, 3, 4], [1, 1, 1, 1, -0.0, 0.0, 5, -5]])
-    assert torch.equal(ops.nm_mask(x, 2, 4, backend=be), _b([[1, 1, 0, 0, 0, 0, 1, 1], [1, 1, 0, 0, 1, 0, 1, 0]]))
-    assert torch.equal(ops.nm_mask(x, 4, 8, backend=be), _b([[1, 1, 0, 0, 0, 0, 1, 1], [1, 1, 1, 0, 0, 0, 1, 0]]))
-    assert torch.equal(ops.nm_mask(x, 1, 1, backend=be), torch.ones(2, 8, dtype=torch.bool))
-    assert torch.equal(ops.nm_mask(x, 0, 2, backend=be), torch.zeros(2, 8, dtype=torch.bool))
+    assert torch.equal(ops.nm_mask(x, 2, 4, backend=backend), _b([[1, 1, 0, 0, 0, 0, 1, 1], [1, 1, 0, 0, 1, 0, 1, 0]]))
+    assert torch.equal(ops.nm_mask(x, 4, 8, backend=backend), _b([[1, 1, 0, 0, 0, 0, 1, 1], [1, 1, 1, 0, 0, 0, 1, 0]]))
+    assert torch.equal(ops.nm_mask(x, 1, 1, backend=backend), torch.ones(2, 8, dtype=torch.bool))
+    assert torch.equal(ops.nm_mask(x, 0, 2, backend=backend), torch.zeros(2, 8, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_rebuild_literal(request, backend: str) -> None:
-    be = _backend(request, backend)
+def test_rebuild_literal(backend: str) -> None:
     # P best-first: 5@0, 3@2, 1@4; K worst-first: 0@5, 2@3, 4@1 -> R = 2 (1 > 4 fails).
     x = _t([[5, 4, 3, 2, 1, 0]])
     mask = _b([[0, 1, 0, 1, 0, 1]])
-    assert torch.equal(ops.rebuild_mask(x, mask, 1.0, backend=be), _b([[1, 1, 1, 0, 0, 0]]))
-    assert torch.equal(ops.rebuild_mask(x, mask, 0.5, backend=be), _b([[1, 1, 0, 1, 0, 0]]))
-    assert torch.equal(ops.rebuild_mask(x, mask, 0.49, backend=be), mask)  # floor(0.98) = 0
-    assert torch.equal(ops.rebuild_mask(x, mask, 0.0, backend=be), mask)
+    assert torch.equal(ops.rebuild_mask(x, mask, 1.0, backend=backend), _b([[1, 1, 1, 0, 0, 0]]))
+    assert torch.equal(ops.rebuild_mask(x, mask, 0.5, backend=backend), _b([[1, 1, 0, 1, 0, 0]]))
+    assert torch.equal(ops.rebuild_mask(x, mask, 0.49, backend=backend), mask)  # floor(0.98) = 0
+    assert torch.equal(ops.rebuild_mask(x, mask, 0.0, backend=backend), mask)
     # Ties at the thresholds: the lower pruned column regrows, the higher kept column drops.
-    assert torch.equal(ops.rebuild_mask(_t([[2, 1, 2, 1]]), _b([[0, 1, 0, 1]]), 0.5, backend=be), _b([[1, 1, 0, 0]]))
+    got = ops.rebuild_mask(_t([[2, 1, 2, 1]]), _b([[0, 1, 0, 1]]), 0.5, backend=backend)
+    assert torch.equal(got, _b([[1, 1, 0, 0]]))
     # Equal scores are never beneficial; -0.0 == +0.0.
     ties = _b([[0, 1], [0, 1], [0, 1]])
-    assert torch.equal(ops.rebuild_mask(_t([[1, 1], [0.0, -0.0], [-0.0, 0.0]]), ties, 1.0, backend=be), ties)
-    assert torch.equal(ops.rebuild_mask(_t([[INF, -INF]]), _b([[0, 1]]), 1.0, backend=be), _b([[1, 0]]))
+    assert torch.equal(ops.rebuild_mask(_t([[1, 1], [0.0, -0.0], [-0.0, 0.0]]), ties, 1.0, backend=backend), ties)
+    assert torch.equal(ops.rebuild_mask(_t([[INF, -INF]]), _b([[0, 1]]), 1.0, backend=backend), _b([[1, 0]]))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_rebuild_nm_literal(request, backend: str) -> None:
-    be = _backend(request, backend)
+def test_rebuild_nm_literal(backend: str) -> None:
     # P best-first 8@4, 7@5, 4@3, 2@1; K worst-first 1@0, 3@2, 5@7, 6@6 -> R = 2.
     x = _t([[1, 2, 3, 4, 8, 7, 6, 5]])
     mask = _b([[1, 0, 1, 0, 0, 0, 1, 1]])
     # s = 2: both regrow in group 1, which drops its two previously kept entries.
-    assert torch.equal(ops.rebuild_mask(x, mask, 1.0, 4, backend=be), _b([[1, 0, 1, 0, 1, 1, 0, 0]]))
+    assert torch.equal(ops.rebuild_mask(x, mask, 1.0, 4, backend=backend), _b([[1, 0, 1, 0, 1, 1, 0, 0]]))
     # s = 1: column 4 regrows; group 1 drops its worst kept entry (5@7).
-    assert torch.equal(ops.rebuild_mask(x, mask, 0.5, 4, backend=be), _b([[1, 0, 1, 0, 1, 0, 1, 0]]))
+    assert torch.equal(ops.rebuild_mask(x, mask, 0.5, 4, backend=backend), _b([[1, 0, 1, 0, 1, 0, 1, 0]]))
     # One group spanning the row is the unstructured rebuild.
-    assert torch.equal(ops.rebuild_mask(x, mask, 1.0, 8, backend=be), ops.rebuild_mask(x, mask, 1.0, backend=be))
+    whole_row = ops.rebuild_mask(x, mask, 1.0, 8, backend=backend)
+    assert torch.equal(whole_row, ops.rebuild_mask(x, mask, 1.0, backend=backend))
 
 
 # --- errors (same messages from the reference and the native ops) -----------------------
@@ -173,13 +151,11 @@ def _error_cases() -> list[tuple[str, tuple, str]]:
     ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", _error_cases(), ids=lambda c: c[0])
-def test_errors(request, backend: str, case) -> None:
-    be = _backend(request, backend)
+def test_errors(backend: str, case) -> None:
     _, (op, *args), message = case
     with pytest.raises(RuntimeError, match=message):
-        getattr(ops, op)(*args, backend=be)
+        getattr(ops, op)(*args, backend=backend)
 
 
 def test_bad_backend() -> None:
@@ -307,16 +283,14 @@ def test_empty_tensors(native, device: str) -> None:
 # --- invariants ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["randn", "ties"])
-def test_rebuild_invariants(request, backend: str, kind: str) -> None:
-    be = _backend(request, backend)
+def test_rebuild_invariants(backend: str, kind: str) -> None:
     x = _scores(kind, 16, 512, torch.float32, "cpu", seed=3)
     mask = _random_mask(16, 512, 0.5, "cpu")
     r = _beneficial_pairs(x, mask)
     assert bool((r > 0).all())
-    assert torch.equal(ops.rebuild_mask(x, mask, 0.0, backend=be), mask)
-    full = ops.rebuild_mask(x, mask, 1.0, backend=be)
+    assert torch.equal(ops.rebuild_mask(x, mask, 0.0, backend=backend), mask)
+    full = ops.rebuild_mask(x, mask, 1.0, backend=backend)
     assert torch.equal(full.sum(1), mask.sum(1))
     # ratio 1 leaves no beneficial pair: every pruned score <= every kept score.
     assert bool((_beneficial_pairs(x, full) == 0).all())
@@ -324,7 +298,7 @@ def test_rebuild_invariants(request, backend: str, kind: str) -> None:
     worst_kept = torch.where(full, x, INF).amin(1)
     assert bool((best_pruned <= worst_kept).all())
     # ratio a swaps floor(a * R) pairs per row.
-    half = ops.rebuild_mask(x, mask, 0.5, backend=be)
+    half = ops.rebuild_mask(x, mask, 0.5, backend=backend)
     assert torch.equal((half & ~mask).sum(1), torch.floor(0.5 * r.double()).long())
 
 

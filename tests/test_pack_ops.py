@@ -16,8 +16,8 @@ from torch.sparse._semi_structured_conversions import (
     sparse_semi_structured_to_dense_cutlass,
 )
 
-from barber import _native, ops
-from conftest import devices, skip_or_fail
+from barber import ops
+from conftest import devices
 
 DTYPES_24 = [torch.float16, torch.bfloat16, torch.int8]
 DTYPE_IDS = {torch.float16: "f16", torch.bfloat16: "bf16", torch.int8: "i8"}
@@ -29,17 +29,6 @@ SHAPES_24 = {
 }
 CASES_24 = [(dt, shape) for dt in DTYPES_24 for shape in SHAPES_24[dt]]
 CASE_IDS = [f"{DTYPE_IDS[dt]}-{r}x{c}" for dt, (r, c) in CASES_24]
-IMPLS = ["torch", "native"]
-
-
-@pytest.fixture(params=IMPLS)
-def backend(request) -> str:
-    """The implementation under test; "native" needs the built extension."""
-    if request.param == "native" and not _native.available():
-        skip_or_fail("barber._C is not built: native packing ops unavailable")
-    return request.param
-
-
 @pytest.fixture(params=devices())
 def device(request) -> str:
     return request.param
@@ -279,13 +268,6 @@ def test_bitmask_rejects_bad_inputs(backend: str, device: str) -> None:
 
 
 # --- dispatcher-level checks of the native ops -------------------------------------------
-
-
-@pytest.fixture
-def native() -> None:
-    if not _native.available():
-        skip_or_fail("barber._C is not built: native packing ops unavailable")
-
 
 def test_opcheck(native, device: str) -> None:
     dense = random_24(32, 64, torch.bfloat16, seed=9, device=device)
