@@ -317,7 +317,6 @@ def test_ratio_is_floored_in_double() -> None:
 
 @pytest.mark.parametrize("device", devices())
 def test_opcheck(native, device: str) -> None:
-    ops.topk_mask(torch.zeros(1, 1), 0)  # registers the fake kernels
     x = torch.randn(6, 16, device=device)
     mask = ref.nm_mask(x, 2, 4)
     torch.library.opcheck(torch.ops.barber.topk_mask.default, (x, 5))
@@ -336,32 +335,21 @@ def test_compile_fullgraph(native) -> None:
     assert torch.equal(compiled(x), prune(x))
 
 
-def test_constant_marker_matches_torch() -> None:
-    """ops._constant_under_compile must mark a function exactly as torch's decorator does."""
-
-    def ours() -> None: ...
-
-    def theirs() -> None: ...
-
-    ops._constant_under_compile(ours)
-    torch.compiler.assume_constant_result(theirs)
-    assert vars(ours) == vars(theirs) == {"_dynamo_marked_constant": True}
-
-
 def test_import_is_light_and_first_call_may_be_compiled(native) -> None:
-    """Importing barber.ops does not import torch._dynamo, and the very first mask op call of a
-    process may happen under torch.compile(fullgraph=True) (the device probe runs eagerly)."""
+    """Importing barber.ops probes the extension and registers the fakes but does not import
+    torch._dynamo, and the very first mask op call of a process may happen under
+    torch.compile(fullgraph=True)."""
     script = textwrap.dedent(
         """
         import sys
         import torch
         import barber.ops as ops
         assert "torch._dynamo" not in sys.modules, "barber.ops imported torch._dynamo"
-        assert ops._devices is None
+        assert ops._NATIVE_DEVICES[:2] == ("cpu", "meta")
+        assert torch.ops.barber.topk_mask(torch.empty(4, 8, device="meta"), 3).shape == (4, 8)  # the fake
         f = torch.compile(lambda s: ops.topk_mask(s, 3), fullgraph=True, backend="eager")
         x = torch.randn(4, 8)
         assert torch.equal(f(x), ops.reference.topk_mask(x, 3))
-        assert ops._devices
         """
     )
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
@@ -369,7 +357,7 @@ def test_import_is_light_and_first_call_may_be_compiled(native) -> None:
 
 
 def test_auto_falls_back_to_reference_without_native(monkeypatch) -> None:
-    monkeypatch.setattr(ops, "_devices", "")
+    monkeypatch.setattr(ops, "_NATIVE_DEVICES", ())
     x = torch.randn(3, 8)
     assert torch.equal(ops.topk_mask(x, 3), ref.topk_mask(x, 3))
     with pytest.raises(RuntimeError, match="backend='native' but the barber._C extension is not available"):
@@ -378,3 +366,14 @@ def test_auto_falls_back_to_reference_without_native(monkeypatch) -> None:
     assert torch.equal(ops.pack_bitmask(mask), ref.pack_bitmask(mask))
     with pytest.raises(RuntimeError, match=r"ops.pack_bitmask: backend='native' but the barber._C extension is not"):
         ops.pack_bitmask(mask, backend="native")
+
+
+def test_required_but_missing_raises_on_use(monkeypatch) -> None:
+    """BARBER_REQUIRE_NATIVE=1 without barber._C: importing works, every non-"torch" op call raises."""
+    monkeypatch.setattr(ops, "_NATIVE_DEVICES", ())
+    monkeypatch.setattr(ops, "_NATIVE_ERROR", "BARBER_REQUIRE_NATIVE is set but barber._C could not be imported")
+    x = torch.randn(3, 8)
+    for backend in ("auto", "native"):
+        with pytest.raises(RuntimeError, match="BARBER_REQUIRE_NATIVE is set but barber._C could not be imported"):
+            ops.topk_mask(x, 3, backend=backend)
+    assert torch.equal(ops.topk_mask(x, 3, backend="torch"), ref.topk_mask(x, 3))
