@@ -115,44 +115,29 @@ def test_rebuild_nm_literal(backend: str) -> None:
     assert torch.equal(whole_row, ops.rebuild_mask(x, mask, 1.0, backend=backend))
 
 
-# --- errors (same messages from the reference and the native ops) -----------------------
+# --- errors that need the values (the rest: tests/test_op_errors.py) ---------------------
 
 
-def _error_cases() -> list[tuple[str, tuple, str]]:
-    """(id, (op, *args), message regex): the same for the reference and the native ops."""
+def _value_error_cases() -> list[tuple[str, tuple, str]]:
+    """(id, (op, *args), message regex) of errors only a look at the values finds (no fake sees them)."""
     x = torch.randn(4, 8)
     nan = x.clone()
     nan[1, 3] = float("nan")
     m24 = ref.nm_mask(x, 2, 4)
     not_nm = _b([[1, 1, 0, 0, 1, 0, 0, 0]] * 4)
     one_to_four = (_t([[0, 9, 8, 0.5, 1, 0.1, 0.2, 0.3]]), _b([[1, 0, 0, 0, 1, 0, 0, 0]]))
-    dtype_msg = r"expected scores of dtype float32, float16 or bfloat16, got torch.float64"
     return [
         ("topk nan", ("topk_mask", nan, 2), r"barber::topk_mask: scores contain NaN"),
         ("topk nan k=0", ("topk_mask", nan, 0), r"barber::topk_mask: scores contain NaN"),
-        ("topk k<0", ("topk_mask", x, -1), r"barber::topk_mask: expected 0 <= k <= cols=8, got k=-1"),
-        ("topk k>C", ("topk_mask", x, 9), r"barber::topk_mask: expected 0 <= k <= cols=8, got k=9"),
-        ("topk 3-D", ("topk_mask", x[None], 1), r"barber::topk_mask: expected scores to be 2-D"),
-        ("topk f64", ("topk_mask", x.double(), 1), r"barber::topk_mask: " + dtype_msg),
-        ("topk int", ("topk_mask", x.int(), 1), r"barber::topk_mask: expected scores of dtype"),
         ("nm nan", ("nm_mask", nan, 2, 4), r"barber::nm_mask: scores contain NaN"),
-        ("nm cols", ("nm_mask", x, 2, 3), r"barber::nm_mask: expected the number of columns to be divisible by m=3"),
-        ("nm n>m", ("nm_mask", x, 5, 4), r"barber::nm_mask: expected 0 <= n <= m=4, got n=5"),
-        ("nm m=0", ("nm_mask", x, 0, 0), r"barber::nm_mask: expected m >= 1, got m=0"),
         ("rebuild nan", ("rebuild_mask", nan, m24, 0.0), r"barber::rebuild_mask: scores contain NaN"),
-        ("rebuild ratio>1", ("rebuild_mask", x, m24, 1.5), r"rebuild_mask: expected 0 <= ratio <= 1, got ratio=1.5"),
-        ("rebuild ratio<0", ("rebuild_mask", x, m24, -0.5), r"barber::rebuild_mask: expected 0 <= ratio <= 1"),
-        ("rebuild mask dtype", ("rebuild_mask", x, m24.float(), 0.5), r"mask of dtype torch.bool, got torch.float32"),
-        ("rebuild mask shape", ("rebuild_mask", x, m24[:, :4], 0.5), r"of the shape of scores \[4, 8\], got \[4, 4\]"),
-        ("rebuild m<0", ("rebuild_mask", x, m24, 0.5, -1), r"barber::rebuild_mask: expected m >= 0"),
-        ("rebuild m cols", ("rebuild_mask", x, m24, 0.5, 3), r"barber::rebuild_mask: .*divisible by m=3, got 8"),
         ("rebuild not N:M", ("rebuild_mask", x, not_nm, 0.5, 4), r"rebuild_mask: expected an N:M mask that keeps"),
         ("rebuild overfull", ("rebuild_mask", *one_to_four, 1.0, 4), r"a group of m=4 columns regrows more entries"),
     ]
 
 
-@pytest.mark.parametrize("case", _error_cases(), ids=lambda c: c[0])
-def test_errors(backend: str, case) -> None:
+@pytest.mark.parametrize("case", _value_error_cases(), ids=lambda c: c[0])
+def test_value_errors(backend: str, case) -> None:
     _, (op, *args), message = case
     with pytest.raises(RuntimeError, match=message):
         getattr(ops, op)(*args, backend=backend)
