@@ -24,6 +24,9 @@ std::string build_info() {
 }  // namespace barber
 
 TORCH_LIBRARY(barber, m) {
+  // The fakes (meta kernels) of these ops are registered by importing barber.ops; torch checks that
+  // they come from there, and an op traced without them says to import it.
+  m.set_python_module("barber.ops");
   // What this build contains, e.g. "cpu" or "cpu,cuda13.0".
   m.def("_build_info() -> str", &barber::build_info);
   // Keep the k best entries of every row: bool mask [R, C].

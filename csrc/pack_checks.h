@@ -1,6 +1,7 @@
 // Input validation of the packing ops, shared by the CPU (csrc/cpu/pack_ops.cpp) and CUDA
 // (csrc/cuda/pack_ops.cu) implementations so both reject the same inputs with the same
-// one-line messages: "barber::<op>: expected ..., got ...".
+// one-line messages: "barber::<op>: expected ..., got ...". barber/reference.py and the fakes in
+// barber/ops.py raise the same messages; dtypes are spelled as Python prints them (py_format.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -11,6 +12,7 @@
 
 #include "core/bitmask.h"
 #include "core/pack24.h"
+#include "py_format.h"
 
 namespace barber {
 namespace pack_checks {
@@ -18,7 +20,7 @@ namespace pack_checks {
 // Whether `dtype` has a 2:4 CUTLASS layout here, and the words that say so.
 inline void check_24_dtype(const char* op, const char* arg, at::ScalarType dtype) {
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kChar, op, ": expected ", arg,
-              " of dtype float16, bfloat16 or int8, got ", dtype,
+              " of dtype float16, bfloat16 or int8, got ", dtype_name(dtype),
               dtype == at::kFloat ? " (float32 uses CUTLASS's 1:2 TF32 layout, which barber does not produce; "
                                     "cast to float16 or bfloat16)"
                                   : "");
@@ -31,8 +33,8 @@ inline void check_24_dense_shape(const char* op, at::ScalarType dtype, int64_t r
   const int64_t min_cols = is8 ? pack24::Elem<uint8_t>::kMinCols : pack24::Elem<uint16_t>::kMinCols;
   TORCH_CHECK(rows >= min_rows && rows % min_rows == 0 && cols >= min_cols && cols % min_cols == 0, op,
               ": expected a dense shape [rows, cols] with rows a positive multiple of ", min_rows,
-              " and cols a positive multiple of ", min_cols, " (CUTLASS 2:4 minimum for ", dtype, "), got [", rows,
-              ", ", cols, "]");
+              " and cols a positive multiple of ", min_cols, " (CUTLASS 2:4 minimum for ", dtype_name(dtype),
+              "), got [", rows, ", ", cols, "]");
 }
 
 inline void check_pack_24(const at::Tensor& dense) {
@@ -51,8 +53,8 @@ inline void check_unpack_24(const at::Tensor& values, const at::Tensor& meta) {
               "), got ", meta.device());
   const bool is8 = values.scalar_type() == at::kChar;
   const at::ScalarType meta_dtype = is8 ? at::kInt : at::kShort;
-  TORCH_CHECK(meta.scalar_type() == meta_dtype, op, ": expected meta of dtype ", meta_dtype, " for ",
-              values.scalar_type(), " values, got ", meta.scalar_type());
+  TORCH_CHECK(meta.scalar_type() == meta_dtype, op, ": expected meta of dtype ", dtype_name(meta_dtype), " for ",
+              dtype_name(values.scalar_type()), " values, got ", dtype_name(meta.scalar_type()));
   const int64_t rows = values.size(0);
   const int64_t cols = 2 * values.size(1);
   const int64_t word_cols = is8 ? pack24::word_cols<uint8_t>() : pack24::word_cols<uint16_t>();
@@ -65,13 +67,15 @@ inline void check_unpack_24(const at::Tensor& values, const at::Tensor& meta) {
 inline void check_pack_bitmask(const at::Tensor& mask) {
   constexpr const char* op = "barber::pack_bitmask";
   TORCH_CHECK(mask.dim() == 2, op, ": expected a 2-D mask, got ", mask.dim(), " dimensions");
-  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": expected mask of dtype bool, got ", mask.scalar_type());
+  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": expected mask of dtype bool, got ",
+              dtype_name(mask.scalar_type()));
 }
 
 inline void check_unpack_bitmask(const at::Tensor& bits, int64_t cols) {
   constexpr const char* op = "barber::unpack_bitmask";
   TORCH_CHECK(bits.dim() == 2, op, ": expected 2-D bits, got ", bits.dim(), " dimensions");
-  TORCH_CHECK(bits.scalar_type() == at::kByte, op, ": expected bits of dtype uint8, got ", bits.scalar_type());
+  TORCH_CHECK(bits.scalar_type() == at::kByte, op, ": expected bits of dtype uint8, got ",
+              dtype_name(bits.scalar_type()));
   TORCH_CHECK(cols >= 0, op, ": expected cols >= 0, got ", cols);
   TORCH_CHECK(bits.size(1) == bitmask::packed_cols(cols), op, ": expected bits.size(1) == ceil(cols/8) = ",
               bitmask::packed_cols(cols), " for cols=", cols, ", got ", bits.size(1));

@@ -1,21 +1,16 @@
-"""Shared test configuration: markers, device list, the BARBER_REQUIRE_NATIVE switch."""
+"""Shared test configuration: the native and backend fixtures, devices, the BARBER_REQUIRE_NATIVE switch."""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 
-
-def require_native() -> bool:
-    """CI sets BARBER_REQUIRE_NATIVE=1: a missing native build then fails instead of skipping."""
-    return os.environ.get("BARBER_REQUIRE_NATIVE", "") not in ("", "0")
+from barber import _native
 
 
 def skip_or_fail(reason: str) -> None:
-    """Skip with `reason`, or fail when the environment requires the native build."""
-    if require_native():
+    """Skip with `reason`, or fail when the environment requires the native build (BARBER_REQUIRE_NATIVE=1)."""
+    if _native.required():
         pytest.fail(f"BARBER_REQUIRE_NATIVE is set: {reason}")
     pytest.skip(reason)
 
@@ -23,6 +18,21 @@ def skip_or_fail(reason: str) -> None:
 def devices() -> list[str]:
     """Devices to run op tests on: cpu, plus cuda wherever a GPU exists."""
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="session")
+def native() -> None:
+    """Skips when barber._C is not built (under BARBER_REQUIRE_NATIVE=1, _native raises instead)."""
+    if not _native.available():
+        skip_or_fail("barber._C is not built: the native ops are unavailable")
+
+
+@pytest.fixture(params=["torch", "native"])
+def backend(request) -> str:
+    """The implementation under test: the pure-torch reference ("torch") or the kernels ("native")."""
+    if request.param == "native":
+        request.getfixturevalue("native")
+    return request.param
 
 
 @pytest.fixture(scope="module")

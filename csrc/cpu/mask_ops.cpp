@@ -16,7 +16,8 @@
 #include <sys/mman.h>
 #endif
 
-#include "checks.h"
+#include "dispatch.h"
+#include "mask_checks.h"
 #include "core/nm_mask.h"
 #include "core/order.h"
 #include "core/rebuild.h"

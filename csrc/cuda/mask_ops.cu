@@ -1,6 +1,6 @@
 // CUDA implementations of the mask ops: topk_mask, nm_mask, rebuild_mask.
 // Semantics: barber/reference.py; kernels: csrc/core/mask_kernels.cuh (torch-free). Each op
-// validates like the CPU one (csrc/checks.h), runs on the input's device and current
+// validates like the CPU one (csrc/mask_checks.h), runs on the input's device and current
 // stream, then reads back one int of error bits (a sync) to raise on NaN or bad N:M masks.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -16,7 +16,8 @@
 
 #include <cstdint>
 
-#include "checks.h"
+#include "dispatch.h"
+#include "mask_checks.h"
 #include "core/mask_kernels.cuh"
 
 namespace barber {

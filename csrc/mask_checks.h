@@ -1,26 +1,22 @@
 // Input validation of the mask ops (topk_mask, nm_mask, rebuild_mask), shared by the CPU
 // (csrc/cpu/mask_ops.cpp) and CUDA (csrc/cuda/mask_ops.cu) implementations, so both reject
 // the same inputs with the same one-line messages "barber::<op>: expected ..., got ...".
-// barber/reference.py raises the same messages (RuntimeError, like TORCH_CHECK).
+// barber/reference.py and the fakes in barber/ops.py raise the same messages (RuntimeError, like
+// TORCH_CHECK); py_format.h spells dtypes and floats as Python does.
 #pragma once
 
-#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
-#include <limits>
-#include <string>
 
 #include "core/order.h"
 #include "core/rebuild.h"
+#include "py_format.h"
 
 namespace barber {
 namespace checks {
-
-// "torch.float32"-style name, as Python prints dtypes.
-inline std::string dtype_name(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
 
 inline bool is_score_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
 
@@ -56,7 +52,8 @@ inline void check_rebuild(const at::Tensor& scores, const at::Tensor& mask, doub
               scores.sizes(), ", got ", mask.sizes());
   TORCH_CHECK(mask.device() == scores.device(), "barber::rebuild_mask: expected mask on the device of scores (",
               scores.device(), "), got ", mask.device());
-  TORCH_CHECK(ratio >= 0.0 && ratio <= 1.0, "barber::rebuild_mask: expected 0 <= ratio <= 1, got ratio=", ratio);
+  TORCH_CHECK(ratio >= 0.0 && ratio <= 1.0, "barber::rebuild_mask: expected 0 <= ratio <= 1, got ratio=",
+              float_repr(ratio));
   TORCH_CHECK(m >= 0, "barber::rebuild_mask: expected m >= 0 (0: unstructured), got m=", m);
   TORCH_CHECK(m == 0 || scores.size(1) % m == 0,
               "barber::rebuild_mask: expected the number of columns to be divisible by m=", m, ", got ",
@@ -74,9 +71,3 @@ inline void raise_kernel_errors(const char* op, int errors, int64_t m = 0) {
 
 }  // namespace checks
 }  // namespace barber
-
-// Runs the lambda with scalar_t bound to float, at::Half or at::BFloat16.
-#define BARBER_DISPATCH_SCORES(TYPE, NAME, ...)                 \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
