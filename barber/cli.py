@@ -16,11 +16,12 @@ import logging
 import os
 import signal
 import sys
+import textwrap
 import threading
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
-from barber.errors import BarberError, DataError, UsageError
+from barber.errors import RESUME_HINT, BarberError, DataError, Interrupted, UsageError, exit_code_table
 from barber.prune import Granularity, InitMethod, Metric, Pattern
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -157,7 +158,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
 DEMO_OUT = "runs/smollm2-135m-wanda-barber-50"
 
 
-STREAM_EPILOG = """\
+_INTERRUPTIONS = """\
 interruptions:
   After every block (or every --state-interval seconds), the pruned block and the state needed
   to continue are saved in OUT/.barber-work/. A run that stops for any reason (Ctrl-C, SIGTERM, a crash, a full disk,
@@ -166,18 +167,18 @@ interruptions:
   a second one stops at once. A state saved with another checkpoint, calibration data or
   settings is refused (--overwrite starts over). OUT is complete only once barber_report.json
   exists; the shards appear there only when all are written.
-
-exit codes:
-  0    success
-  1    other barber error
-  2    usage: bad options, --out not usable (input, inside it, non-empty, in use), nothing to
-       --resume, or an interrupted run with a different checkpoint/calibration/settings
-  3    input checkpoint missing, incomplete, corrupt or unsupported, or an unreadable tokenizer
-  4    calibration or evaluation data missing, unreadable or too short
-  5    the output cannot be written (no space left, permissions); the run stays resumable
-  130  stopped by SIGINT (Ctrl-C), resumable
-  143  stopped by SIGTERM, resumable
 """
+
+
+def _exit_codes() -> str:
+    """The exit-code table of the help: success, one line per error class's code, the signal stops."""
+    rows = [(0, "success"), *exit_code_table()]
+    rows += [(128 + sig, f"stopped by {sig.name}{' (Ctrl-C)' if sig == signal.SIGINT else ''}, resumable")
+             for sig in GracefulStop.SIGNALS]
+    lines = ["exit codes:"]
+    for code, text in rows:
+        lines.append(textwrap.fill(text, 98, initial_indent=f"  {code:<5}", subsequent_indent=" " * 7))
+    return "\n".join(lines) + "\n"
 
 
 class _StreamHelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -222,6 +223,9 @@ class GracefulStop:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+STREAM_EPILOG = _INTERRUPTIONS + "\n" + _exit_codes()
 
 
 def _stream_parser() -> ArgumentParser:
@@ -451,7 +455,7 @@ def _stream_body(argv: Sequence[str] | None) -> int:
     from barber.checkpoint import Checkpoint
     from barber.evaluate import perplexity
     from barber.pipeline import Pruner
-    from barber.run import REPORT_NAME, RESUME_HINT, Interrupted, inspect_output, prune_checkpoint
+    from barber.run import REPORT_NAME, inspect_output, prune_checkpoint
     from barber.tokenizer import load_tokenizer
     from barber.writer import write_json_atomic
 

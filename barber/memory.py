@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from barber.errors import BarberError
+from barber.errors import BudgetError
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +77,6 @@ _UNITS = {
     "t": 2**40, "tb": 10**12, "tib": 2**40,
 }
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*$")
-
-
-class BudgetError(BarberError):
-    """A memory budget that cannot be met, or that is not a size."""
-
-    exit_code = 2
 
 
 def parse_bytes(text: str) -> int:

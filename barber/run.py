@@ -44,14 +44,13 @@ from tqdm.auto import tqdm
 
 from barber import __version__
 from barber.checkpoint import INDEX_FILE, REPORT_FILE, WORK_DIR, Checkpoint
-from barber.errors import BarberError, UsageError
+from barber.errors import RESUME_HINT, Interrupted, OutputError, StateError, UsageError
 from barber.memory import MemoryBudget
 from barber.pipeline import BlockState, Pruner, PruneSettings
 from barber.state import (
     STATE_NAME,
     Fingerprint,
     SavedState,
-    StateError,
     fingerprint,
     load_hidden,
     load_state,
@@ -59,7 +58,6 @@ from barber.state import (
     save_state,
 )
 from barber.writer import (
-    OutputError,
     TensorSpec,
     copy_side_files,
     fsync_dir,
@@ -75,17 +73,6 @@ KILL_ENV = "BARBER_TEST_KILL_AT"
 
 #: `should_stop()` returns the number of a signal asking the run to stop, or 0/None to go on.
 StopCheck = Callable[[], "int | None"]
-
-RESUME_HINT = "run the same command again to resume"
-
-
-class Interrupted(BarberError):
-    """The run stopped on a signal with its state saved; the exit code is 128 + the signal number."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
-        self.exit_code = 128 + signum
 
 
 def _test_hook(point: str) -> None:

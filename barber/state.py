@@ -29,7 +29,7 @@ import torch
 
 from barber import __version__
 from barber.checkpoint import INDEX_FILE, MAX_HEADER_BYTES, Checkpoint, TensorInfo, read_safetensors_header
-from barber.errors import BarberError, CheckpointError
+from barber.errors import CheckpointError, StateError
 from barber.memory import HiddenBuffer
 from barber.writer import TensorSpec, write_safetensors
 
@@ -40,10 +40,6 @@ STATE_FORMAT = 1
 _META_KEY = "barber_state"
 _CHUNK = 64 * 1024 * 1024  # bytes per read when restoring hidden states
 _SAMPLE_BYTES = 1024 * 1024  # bytes hashed at each end of every shard's data
-
-
-class StateError(BarberError):
-    """A saved state cannot be read or is inconsistent (the caller adds what to do about it)."""
 
 
 @dataclass(frozen=True)
@@ -310,7 +306,6 @@ __all__ = [
     "STATE_NAME",
     "Fingerprint",
     "SavedState",
-    "StateError",
     "fingerprint",
     "load_hidden",
     "load_state",

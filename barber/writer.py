@@ -22,7 +22,7 @@ from typing import BinaryIO
 
 import torch
 
-from barber.errors import BarberError
+from barber.errors import OutputError
 
 SAFETENSORS_DTYPES = {
     torch.float64: "F64",
@@ -42,12 +42,6 @@ SAFETENSORS_DTYPES = {
 WEIGHT_SUFFIXES = (".safetensors",)
 CHUNK_BYTES = 64 * 1024 * 1024
 INDEX_NAME = "model.safetensors.index.json"
-
-
-class OutputError(BarberError):
-    """The output could not be written (disk full, permissions)."""
-
-    exit_code = 5
 
 
 @dataclass(frozen=True)
