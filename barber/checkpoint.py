@@ -1,10 +1,9 @@
 """Lazy, validated reading of Hugging Face safetensors checkpoints, one tensor or one block at a time.
 
 `Checkpoint.open(dir)` reads only `config.json`, the optional `model.safetensors.index.json` and the
-safetensors headers. Headers are parsed here, not by the safetensors library, with bounded reads
-(8-byte little-endian length, capped; JSON; every entry checked against the file size), so a corrupt
-or hostile file gives a one-line `CheckpointError` rather than a crash or a huge allocation. Every
-tensor a block or the model needs is then checked against the shape config.json implies.
+safetensors headers (with the bounded, validating reader of `barber.safetensors_format`, so a corrupt
+or hostile file gives a one-line `CheckpointError`). Every tensor a block or the model needs is then
+checked against the shape config.json implies.
 
 Reads are lazy: `tensor(name)` maps the shard file and copies exactly that tensor's bytes out of the
 mapping into fresh memory, then tells the kernel to drop those mapped pages (`madvise(DONTNEED)`), so
@@ -25,7 +24,6 @@ import logging
 import mmap
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +32,9 @@ import torch
 from barber.config import ModelConfig, read_config_json
 from barber.errors import CheckpointError
 from barber.families import FamilySpec, family_for
+from barber.safetensors_format import TensorInfo, read_safetensors_header
 
 log = logging.getLogger(__name__)
-
-#: Largest accepted safetensors JSON header (the safetensors library uses the same 100 MB cap).
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 SINGLE_FILE = "model.safetensors"
 #: Bytes copied out of a mapped shard at a time by `Checkpoint.tensor`.
@@ -49,115 +45,6 @@ INDEX_FILE = "model.safetensors.index.json"
 #: and writes REPORT_FILE last: a directory with the first and without the second is unfinished.
 WORK_DIR = ".barber-work"
 REPORT_FILE = "barber_report.json"
-
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives: its shard file, dtype, shape and absolute byte range in the file."""
-
-    shard: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-
-def read_safetensors_header(path: Path, shard: str | None = None) -> dict[str, TensorInfo]:
-    """Parse and validate the header of one safetensors file.
-
-    Args:
-        path: the file.
-        shard: the name recorded in each `TensorInfo` (default: the file name).
-
-    Returns:
-        tensor name -> TensorInfo with absolute file offsets.
-
-    Raises:
-        CheckpointError: unreadable, truncated, oversized header, bad JSON, or entries that do not fit the file.
-    """
-    shard = shard or path.name
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-            n = int.from_bytes(prefix, "little")
-            if n > MAX_HEADER_BYTES:
-                raise CheckpointError(f"{path}: corrupt safetensors header (claims {n} bytes)")
-            if 8 + n > size:
-                raise CheckpointError(f"{path}: truncated safetensors file (header of {n} bytes, file of {size})")
-            raw = f.read(n)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError):  # bad UTF-8 or JSON, oversized integers, absurd nesting
-        raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON)") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    data_start, data_size = 8 + n, size - 8 - n
-    out: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            if not (isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())):
-                raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ is not a string map)")
-            continue
-        out[name] = _tensor_info(path, shard, name, entry, data_start, data_size)
-    return out
-
-
-def _tensor_info(path: Path, shard: str, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
-    """Validate one header entry: dtype known, shape of non-negative ints, offsets matching and inside the file."""
-    bad = f"{path}: corrupt safetensors header (entry {name!r}"
-    if not isinstance(entry, dict):
-        raise CheckpointError(f"{bad} is not an object)")
-    dtype_name = entry.get("dtype")
-    dtype = _DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
-    if dtype is None:
-        raise CheckpointError(f"{bad} has unsupported dtype {entry.get('dtype')!r})")
-    shape, offsets = entry.get("shape"), entry.get("data_offsets")
-    if not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)):
-        raise CheckpointError(f"{bad} has an invalid shape)")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-        raise CheckpointError(f"{bad} has invalid data_offsets)")
-    begin, end = offsets
-    nbytes = _nbytes(shape, torch.empty((), dtype=dtype).element_size(), data_size)
-    if nbytes is None:
-        raise CheckpointError(f"{path}: truncated safetensors file (tensor {name!r} of shape {shape} exceeds the file)")
-    if not 0 <= begin <= end or end - begin != nbytes:
-        raise CheckpointError(f"{bad}: data_offsets {offsets} do not match shape {shape})")
-    if end > data_size:
-        raise CheckpointError(f"{path}: truncated safetensors file (tensor {name!r} ends past the end of the file)")
-    return TensorInfo(shard, dtype, tuple(shape), data_start + begin, data_start + end)
-
-
-def _nbytes(shape: list[int], itemsize: int, limit: int) -> int | None:
-    """Bytes of a tensor of `shape`, or None when that exceeds `limit` (computed without huge integers)."""
-    if 0 in shape:
-        return 0
-    n = itemsize
-    for s in shape:
-        n *= s
-        if n > limit:
-            return None
-    return n
-
 
 class Checkpoint:
     """A validated, lazily read Hugging Face checkpoint directory.

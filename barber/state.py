@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 
 from barber import __version__
-from barber.checkpoint import INDEX_FILE, MAX_HEADER_BYTES, Checkpoint, TensorInfo, read_safetensors_header
+from barber.checkpoint import INDEX_FILE, Checkpoint
 from barber.errors import CheckpointError, StateError
 from barber.memory import HiddenBuffer
+from barber.safetensors_format import TensorInfo, read_header
 from barber.writer import TensorSpec, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -97,22 +98,6 @@ def _sha256_json(payload: object) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def raw_header(path: Path) -> bytes:
-    """The 8-byte length and JSON header of a safetensors file, read with a bounded size."""
-    try:
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-            if not 0 <= n <= MAX_HEADER_BYTES:
-                raise CheckpointError(f"{path}: corrupt safetensors header")
-            raw = f.read(n)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    if len(raw) != n:
-        raise CheckpointError(f"{path}: truncated safetensors file")
-    return prefix + raw
-
-
 def checkpoint_digest(ckpt: Checkpoint) -> str:
     """sha256 of config.json, the index (if any), and every shard's name, size, header and the first
     and last MiB of its data (a sample: hashing every byte of a 26 GB checkpoint would take minutes)."""
@@ -130,7 +115,7 @@ def checkpoint_digest(ckpt: Checkpoint) -> str:
             size = path.stat().st_size
             add("shard", shard.encode())
             add("size", str(size).encode())
-            header = raw_header(path)
+            header = read_header(path).raw
             add("header", header)
             with open(path, "rb") as f:  # a sample of the data: its first and last MiB
                 f.seek(len(header))
@@ -238,14 +223,12 @@ def load_state(path: Path) -> SavedState:
         StateError: the file is unreadable, not a state file, of another format, or inconsistent.
     """
     try:
-        header = json.loads(raw_header(path)[8:].decode("utf-8"))
-        infos = read_safetensors_header(path)
+        header = read_header(path)
     except CheckpointError as exc:
         raise StateError(str(exc)) from None
-    except (ValueError, RecursionError):
-        raise StateError(f"{path}: corrupt header") from None
+    infos = header.tensors
     try:
-        meta = json.loads(header["__metadata__"][_META_KEY])
+        meta = json.loads(header.metadata[_META_KEY])
         if meta["format"] != STATE_FORMAT:
             raise StateError(f"{path}: state format {meta['format']}, this barber reads {STATE_FORMAT}")
         next_block, num_blocks, blocks = int(meta["next_block"]), int(meta["num_blocks"]), list(meta["blocks"])

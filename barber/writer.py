@@ -23,21 +23,7 @@ from typing import BinaryIO
 import torch
 
 from barber.errors import OutputError
-
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
+from barber.safetensors_format import DTYPE_NAMES
 
 WEIGHT_SUFFIXES = (".safetensors",)
 CHUNK_BYTES = 64 * 1024 * 1024
@@ -64,10 +50,10 @@ def _header(specs: list[TensorSpec], metadata: dict[str, str] | None) -> bytes:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
     for spec in specs:
-        if spec.dtype not in SAFETENSORS_DTYPES:
+        if spec.dtype not in DTYPE_NAMES:
             raise ValueError(f"{spec.name}: dtype {spec.dtype} cannot be stored in safetensors")
         header[spec.name] = {
-            "dtype": SAFETENSORS_DTYPES[spec.dtype],
+            "dtype": DTYPE_NAMES[spec.dtype],
             "shape": list(spec.shape),
             "data_offsets": [offset, offset + spec.nbytes],
         }

@@ -24,10 +24,11 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import barber.writer
-from barber.checkpoint import MAX_HEADER_BYTES, WORK_DIR, Checkpoint, read_safetensors_header
+from barber.checkpoint import WORK_DIR, Checkpoint
 from barber.cli import stream_main
 from barber.errors import CheckpointError
 from barber.run import REPORT_NAME
+from barber.safetensors_format import MAX_HEADER_BYTES, read_safetensors_header
 from barber.state import STATE_NAME, load_state
 from helpers_models import make_tiny_checkpoint
 

@@ -24,7 +24,8 @@ from barber.checkpoint import WORK_DIR, Checkpoint
 from barber.cli import eval_main, stream_main
 from barber.errors import CheckpointError
 from barber.run import KILL_ENV, REPORT_NAME
-from barber.state import STATE_NAME, checkpoint_digest, load_state, raw_header
+from barber.safetensors_format import read_header
+from barber.state import STATE_NAME, checkpoint_digest, load_state
 from helpers_models import make_tiny_checkpoint
 
 BLOCKS = 4
@@ -206,7 +207,7 @@ def test_checkpoint_digest_sees_the_data_ends_and_not_the_location(inputs, tmp_p
     copy = Path(shutil.copytree(inputs["ckpt"], tmp_path / "copy"))
     assert checkpoint_digest(Checkpoint.open(copy)) == original
     shard = copy / Checkpoint.open(copy).shard_files[0]
-    start = len(raw_header(shard))
+    start = len(read_header(shard).raw)
     for offset in (start, shard.stat().st_size - 1):  # first and last data byte
         data = bytearray(shard.read_bytes())
         data[offset] ^= 0x40

@@ -231,7 +231,7 @@ def subset_checkpoint(pool: Path, out: Path, blocks: int) -> Path:
     if index_path.exists():
         weight_map = json.loads(index_path.read_text())["weight_map"]
     else:
-        from barber.checkpoint import read_safetensors_header
+        from barber.safetensors_format import read_safetensors_header
 
         weight_map = {name: "model.safetensors" for name in read_safetensors_header(pool / "model.safetensors")}
     cfg["num_hidden_layers"] = blocks
