@@ -8,8 +8,8 @@ checked against the shape config.json implies.
 Reads are lazy: `tensor(name)` maps the shard file and copies exactly that tensor's bytes out of the
 mapping into fresh memory, then tells the kernel to drop those mapped pages (`madvise(DONTNEED)`), so
 nothing of a finished block stays resident. Reads are serialised by a per-checkpoint lock, so a
-prefetch thread may read the next block while the caller computes. Returned tensors own their memory
-and may be modified. This module does I/O only; the math is in `barber.model`.
+prefetch thread (`BlockPrefetcher`) may read the next block while the caller computes. Returned
+tensors own their memory and may be modified. This module does I/O only; the math is in `barber.model`.
 
 Example::
 
@@ -24,6 +24,7 @@ import logging
 import mmap
 import os
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ from barber.config import ModelConfig, read_config_json
 from barber.errors import CheckpointError
 from barber.families import FamilySpec, family_for
 from barber.safetensors_format import TensorInfo, read_safetensors_header
+from barber.sysmem import drop_pages
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +191,7 @@ class Checkpoint:
                 for lo in range(0, nbytes, READ_CHUNK):
                     hi = min(lo + READ_CHUNK, nbytes)
                     dst[lo:hi] = np.frombuffer(mm, dtype=np.uint8, count=hi - lo, offset=info.start + lo)
-                    _drop_pages(mm, info.start + lo, info.start + hi)
+                    drop_pages(mm, info.start + lo, info.start + hi)
         t = raw.view(info.dtype).reshape(info.shape)
         return t.to(device=device, dtype=dtype or info.dtype)
 
@@ -264,16 +266,49 @@ class Checkpoint:
         return f"Checkpoint({str(self.path)!r}, {self.family.name}, {self.num_layers} blocks)"
 
 
-def _drop_pages(mm: mmap.mmap, start: int, end: int) -> None:
-    """Tell the kernel the mapped pages of [start, end) are no longer needed, so they leave our RSS."""
-    if not hasattr(mm, "madvise"):
-        return
-    page = mmap.PAGESIZE
-    lo = start - start % page
-    try:
-        mm.madvise(mmap.MADV_DONTNEED, lo, end - lo)
-    except (OSError, ValueError):
-        pass
+class BlockPrefetcher:
+    """Reads blocks in a background thread, one ahead, in their stored dtype on the CPU.
+
+    `take(i)` returns block i's tensors (waiting for a read in flight, or reading now); `ahead(i)`
+    starts reading block i. At most one block is read ahead. Conversion to the compute dtype and
+    device happens in the caller, so values are the same as a direct read.
+    """
+
+    def __init__(self, ckpt: Checkpoint, enabled: bool = True):
+        self.ckpt = ckpt
+        self.enabled = enabled
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: dict[int, Future] = {}
+        self._lock = threading.Lock()
+
+    def ahead(self, i: int) -> None:
+        """Start reading block i in the background (no-op when disabled, out of range or in flight)."""
+        if not self.enabled or not 0 <= i < self.ckpt.num_layers:
+            return
+        with self._lock:
+            if i in self._pending:
+                return
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="barber-prefetch")
+            self._pending[i] = self._pool.submit(self.ckpt.block_weights, i)
+
+    def take(self, i: int) -> dict[str, torch.Tensor]:
+        """Block i's tensors in their stored dtype on the CPU."""
+        with self._lock:
+            future = self._pending.pop(i, None)
+        if future is not None:
+            return future.result()
+        return self.ckpt.block_weights(i)
+
+    def close(self) -> None:
+        """Drop any block read ahead and stop the thread."""
+        with self._lock:
+            pending, self._pending = list(self._pending.values()), {}
+            pool, self._pool = self._pool, None
+        for future in pending:
+            future.cancel()
+        if pool is not None:
+            pool.shutdown(wait=True)
 
 
 def _read_all_headers(root: Path) -> dict[str, TensorInfo]:

@@ -35,13 +35,21 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def _size_arg(text: str) -> int:
-    """argparse type of a memory budget such as 6GiB or 500MiB (see `barber.memory.parse_bytes`)."""
-    from barber.memory import parse_bytes
+    """argparse type of a memory budget such as 6GiB or 500MiB (see `barber.budget.parse_bytes`)."""
+    from barber.budget import parse_bytes
 
     try:
         return parse_bytes(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _hidden_arg(text: str) -> str:
+    """argparse type of --hidden-states: "pinned", the old name of host, still works (with a notice)."""
+    if text == "pinned":
+        print("barber-stream: --hidden-states pinned is deprecated, use host", file=sys.stderr)
+        return "host"
+    return text
 
 
 def run_cli(body: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
@@ -315,9 +323,9 @@ def _stream_parser() -> ArgumentParser:
                    help="peak RSS budget, e.g. 6GiB or 500MiB (default: 80%% of the memory available at start)")
     r.add_argument("--max-gpu-memory", type=_size_arg, default=None, metavar="SIZE",
                    help="GPU memory budget, e.g. 6GiB (default: 90%% of the free GPU memory, at most 9 GiB)")
-    r.add_argument("--hidden-states", choices=["auto", "device", "pinned", "disk"], default="auto",
-                   help="where calibration hidden states live: on the compute device, in pinned host memory, or in a "
-                   "file under --out/.barber-work; auto = the first that fits the budgets")
+    r.add_argument("--hidden-states", type=_hidden_arg, choices=["auto", "device", "host", "disk"], default="auto",
+                   help="where calibration hidden states live: on the compute device, in host memory (page-locked "
+                   "on a GPU run), or in a file under --out/.barber-work; auto = the first that fits the budgets")
     r.add_argument("--no-prefetch", action="store_true", help="do not read the next block while this one computes")
     r.add_argument("--allow-tf32", action="store_true",
                    help="let float32 matmuls on a GPU use TF32 (faster; gradients, hence a few mask entries, may change)")
@@ -405,7 +413,7 @@ def _settings(args: argparse.Namespace):
 
 def _budget(args: argparse.Namespace):
     """The MemoryBudget of the parsed options."""
-    from barber.memory import MemoryBudget
+    from barber.budget import MemoryBudget
 
     if args.allow_tf32 and not args.device.startswith("cuda"):
         logging.getLogger("barber.cli").warning("--allow-tf32 has no effect on %s", args.device)

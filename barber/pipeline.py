@@ -51,22 +51,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from barber import prune
-from barber.checkpoint import Checkpoint
-from barber.memory import (
-    AUTO_BATCH_TOKENS,
-    GRAD_CHUNK_BYTES,
-    BlockPrefetcher,
-    HiddenBuffer,
-    MemoryBudget,
-    MemoryPlan,
-    current_rss,
-    model_shapes,
-    peak_rss,
-    plan_memory,
-    release_free_memory,
-)
+from barber.budget import AUTO_BATCH_TOKENS, GRAD_CHUNK_BYTES, MemoryBudget, MemoryPlan, model_shapes, plan_memory
+from barber.buffers import HiddenBuffer
+from barber.checkpoint import BlockPrefetcher, Checkpoint
 from barber.model import Arch, Positions
 from barber.prune import Granularity, InitMethod, Metric, Pattern
+from barber.sysmem import current_rss, peak_rss, release_free_memory
 
 log = logging.getLogger(__name__)
 

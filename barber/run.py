@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from barber import __version__
 from barber.checkpoint import INDEX_FILE, REPORT_FILE, WORK_DIR, Checkpoint
 from barber.errors import RESUME_HINT, Interrupted, OutputError, StateError, UsageError
-from barber.memory import MemoryBudget
+from barber.budget import MemoryBudget
 from barber.pipeline import BlockState, Pruner, PruneSettings
 from barber.state import (
     STATE_NAME,
@@ -361,7 +361,7 @@ def prune_checkpoint(
 ) -> dict:
     """Prune `ckpt` into `out_dir`, block by block, and return the report (also written there).
 
-    `budget` bounds memory (`barber.memory`; default automatic); the report's `memory` holds the plan and peaks.
+    `budget` bounds memory (`barber.budget`; default automatic); the report's `memory` holds the plan and peaks.
 
     An interrupted run in `out_dir` is resumed when its fingerprint matches (`resume` only makes
     that explicit: it is an error when there is nothing to resume); `overwrite` discards it.

@@ -30,7 +30,7 @@ import torch
 from barber import __version__
 from barber.checkpoint import INDEX_FILE, Checkpoint
 from barber.errors import CheckpointError, StateError
-from barber.memory import HiddenBuffer
+from barber.buffers import HiddenBuffer, Placement
 from barber.safetensors_format import TensorInfo, read_header
 from barber.writer import TensorSpec, write_safetensors
 
@@ -185,7 +185,7 @@ def save_state(
         "extra": extra or {},
     }
     if hidden is None:
-        hidden = HiddenBuffer(torch.empty(0), "pinned", torch.device("cpu"))
+        hidden = HiddenBuffer(torch.empty(0), Placement.HOST, torch.device("cpu"))
     rng = {"rng_cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["rng_cuda"] = torch.cuda.get_rng_state()
@@ -260,7 +260,7 @@ def load_hidden(saved: SavedState, device: str | torch.device | None) -> HiddenB
             raise StateError(f"{saved.path}: cannot map: {exc}") from None
     hidden = torch.empty(info.shape, dtype=info.dtype, device=device)
     _read(saved.path, info, hidden)
-    return HiddenBuffer(hidden, "device", torch.device(device))
+    return HiddenBuffer(hidden, Placement.DEVICE, torch.device(device))
 
 
 def _read(path: Path, info: TensorInfo, out: torch.Tensor) -> None:

@@ -347,7 +347,7 @@ def test_resume_keeps_the_micro_batch_of_the_interrupted_run(inputs, reference, 
     """The automatic micro-batch depends on the memory at start; a resume reuses the interrupted run's."""
     import json
 
-    import barber.memory
+    import barber.budget
 
     out = tmp_path / "out"
     monkeypatch.setenv(KILL_ENV, "state:1/SIGINT")
@@ -355,7 +355,7 @@ def test_resume_keeps_the_micro_batch_of_the_interrupted_run(inputs, reference, 
     assert rc == 130, err
     assert load_state(out / WORK_DIR / STATE_NAME).extra["micro_batch"] == 2
     monkeypatch.delenv(KILL_ENV)
-    monkeypatch.setitem(barber.memory.AUTO_BATCH_TOKENS, "cpu", 8)  # auto would now pick 1 sample of 8 tokens
+    monkeypatch.setitem(barber.budget.AUTO_BATCH_TOKENS, "cpu", 8)  # auto would now pick 1 sample of 8 tokens
     rc, _, err = run_inprocess(capsys, argv(inputs, out))
     assert rc == 0, err
     assert json.loads((out / REPORT_NAME).read_text())["memory"]["plan"]["micro_batch"] == 2

@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({'<=' if ratio <= 1.1 else '>'} 1.1); largest {worst / 1e9:.2f} GB")
     for r in rows:
         if r.get("gpu_budget"):
-            from barber.memory import parse_bytes
+            from barber.budget import parse_bytes
 
             limit = parse_bytes(r["gpu_budget"])
             verdicts["gpu_budget_ratio"] = (r["peak_gpu"] or 0) / limit
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"under --max-gpu-memory {r['gpu_budget']}: peak GPU {(r['peak_gpu'] or 0) / 2**30:.3f} GiB = "
                   f"{verdicts['gpu_budget_ratio']:.3f} x the budget")
         if r.get("budget"):
-            from barber.memory import parse_bytes
+            from barber.budget import parse_bytes
 
             limit = parse_bytes(r["budget"])
             verdicts["budget_ratio"] = r["peak_rss"] / limit

@@ -79,7 +79,7 @@ EMBED_STD = 1.0
 
 def parse_size(text: str) -> int:
     """A shard size such as 5GB, 2GiB or 500MB (barber's memory-size syntax) -> bytes."""
-    from barber.memory import parse_bytes
+    from barber.budget import parse_bytes
 
     return parse_bytes(text)
 
