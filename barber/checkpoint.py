@@ -33,20 +33,14 @@ import torch
 from barber.config import ModelConfig, read_config_json
 from barber.errors import CheckpointError
 from barber.families import FamilySpec, family_for
+from barber.layout import INDEX_FILE, REPORT_FILE, SINGLE_FILE, WORK_DIR
 from barber.safetensors_format import TensorInfo, read_safetensors_header
 from barber.sysmem import drop_pages
 
 log = logging.getLogger(__name__)
 
-SINGLE_FILE = "model.safetensors"
 #: Bytes copied out of a mapped shard at a time by `Checkpoint.tensor`.
 READ_CHUNK = 16 * 2**20
-INDEX_FILE = "model.safetensors.index.json"
-
-#: `barber-stream` keeps its work (and resume state) in this directory of its output while running,
-#: and writes REPORT_FILE last: a directory with the first and without the second is unfinished.
-WORK_DIR = ".barber-work"
-REPORT_FILE = "barber_report.json"
 
 class Checkpoint:
     """A validated, lazily read Hugging Face checkpoint directory.

@@ -342,13 +342,14 @@ def _stream_parser() -> ArgumentParser:
 def _apply_demo(args: argparse.Namespace) -> None:
     """The README's first command: SmolLM2-135M, 50% Wanda + Barber, sized for a few minutes on 2 cores."""
     from barber import assets
+    from barber.layout import STATE_FILE, WORK_DIR
 
     if args.ckpt is None:
         args.ckpt = str(assets.smollm2_dir())
     if args.out is None:
         args.out = DEMO_OUT
         # replace an earlier demo result, but let an interrupted demo resume
-        args.overwrite = not args.resume and not (Path(DEMO_OUT) / ".barber-work" / "state.safetensors").exists()
+        args.overwrite = not args.resume and not (Path(DEMO_OUT) / WORK_DIR / STATE_FILE).exists()
     if args.calib is None:
         args.calib = str(assets.botchan_path())
     if args.eval is None:
@@ -463,7 +464,8 @@ def _stream_body(argv: Sequence[str] | None) -> int:
     from barber.checkpoint import Checkpoint
     from barber.evaluate import perplexity
     from barber.pipeline import Pruner
-    from barber.run import REPORT_NAME, inspect_output, prune_checkpoint
+    from barber.output import REPORT_FILE, inspect_output
+    from barber.run import prune_checkpoint
     from barber.tokenizer import load_tokenizer
     from barber.writer import write_json_atomic
 
@@ -511,7 +513,7 @@ def _stream_body(argv: Sequence[str] | None) -> int:
     if eval_ids is not None:
         result = measure(Checkpoint.open(out))
         report["eval"] = {"pruned": result.to_dict(), "dense": dense.to_dict() if dense else None}
-        write_json_atomic(out / REPORT_NAME, report)
+        write_json_atomic(out / REPORT_FILE, report)
         print(f"pruned perplexity {result.ppl:.4f} ({result.n_windows} windows of {eval_seqlen} tokens of {args.eval})")
     return 0
 

@@ -28,15 +28,15 @@ from pathlib import Path
 import torch
 
 from barber import __version__
-from barber.checkpoint import INDEX_FILE, Checkpoint
+from barber.checkpoint import Checkpoint
 from barber.errors import CheckpointError, StateError
+from barber.layout import INDEX_FILE
 from barber.buffers import HiddenBuffer, Placement
 from barber.safetensors_format import TensorInfo, read_header
 from barber.writer import TensorSpec, write_safetensors
 
 log = logging.getLogger(__name__)
 
-STATE_NAME = "state.safetensors"
 STATE_FORMAT = 1
 _META_KEY = "barber_state"
 _CHUNK = 64 * 1024 * 1024  # bytes per read when restoring hidden states
@@ -286,7 +286,6 @@ def remove_state(path: Path) -> None:
 
 
 __all__ = [
-    "STATE_NAME",
     "Fingerprint",
     "SavedState",
     "fingerprint",

@@ -1,4 +1,4 @@
-"""Writing safetensors files one tensor at a time, and the output directory layout.
+"""Writing safetensors files one tensor at a time, and other files, atomically (temporary name, fsync, rename).
 
 `write_safetensors` writes the header first (every dtype and shape is known in advance),
 then streams each tensor's bytes as it is produced, so a multi-GB shard never has to be
@@ -23,11 +23,11 @@ from typing import BinaryIO
 import torch
 
 from barber.errors import OutputError
+from barber.layout import INDEX_FILE
 from barber.safetensors_format import DTYPE_NAMES
 
 WEIGHT_SUFFIXES = (".safetensors",)
 CHUNK_BYTES = 64 * 1024 * 1024
-INDEX_NAME = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ def copy_side_files(src: Path, dst: Path, skip: Collection[str] = ()) -> list[st
     """Copy every regular non-weight file (config, tokenizer, ...) from `src` to `dst`, except `skip`."""
     copied = []
     for item in sorted(src.iterdir()):
-        if not item.is_file() or item.suffix in WEIGHT_SUFFIXES or item.name == INDEX_NAME or item.name in skip:
+        if not item.is_file() or item.suffix in WEIGHT_SUFFIXES or item.name == INDEX_FILE or item.name in skip:
             continue
         if item.name.startswith("."):
             continue

@@ -19,7 +19,8 @@ from barber.sysmem import current_rss
 from barber.pipeline import PruneSettings
 from barber.state import Fingerprint, load_hidden, load_state, save_state
 from barber.prune import InitMethod
-from barber.run import REPORT_NAME, WORK_DIR, prune_checkpoint
+from barber.output import REPORT_FILE, WORK_DIR
+from barber.run import prune_checkpoint
 from helpers_models import make_tiny_checkpoint
 
 GiB, MiB = 2**30, 2**20
@@ -302,7 +303,7 @@ def test_report_states_plan_peaks_and_phase_times(tmp_path):
     assert 0 < report["memory"]["peak_rss"] < 8 * GiB
     for block in report["blocks"]:
         assert {"read", "stats", "select", "gradient", "rebuild", "forward", "write"} <= set(block["seconds"])
-    assert (tmp_path / "out" / REPORT_NAME).exists()
+    assert (tmp_path / "out" / REPORT_FILE).exists()
 
 
 def test_budget_lowers_the_micro_batch_and_the_run_still_prunes(tmp_path, monkeypatch):
@@ -332,7 +333,7 @@ def test_cli_passes_budgets_placement_and_prefetch_through(tmp_path, capsys):
                       str(_text(tmp_path)), "--no-progress", "--max-cpu-memory", "8GiB", "--hidden-states", "disk",
                       "--no-prefetch", "--batch-size", "2"])
     assert rc == 0, capsys.readouterr().err
-    plan = json.loads((out / REPORT_NAME).read_text())["memory"]["plan"]
+    plan = json.loads((out / REPORT_FILE).read_text())["memory"]["plan"]
     assert (plan["hidden_placement"], plan["prefetch"], plan["micro_batch"]) == ("disk", False, 2)
     assert plan["cpu_budget"] == 8 * GiB
 

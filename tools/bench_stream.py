@@ -134,7 +134,9 @@ def run_stream(ckpt: Path, out: Path, calib: Path, args: argparse.Namespace, bud
     run = run_measured("stream_main", argv)
     if run.returncode != 0:
         raise SystemExit(f"barber-stream failed on {ckpt} (exit {run.returncode}):\n{run.stderr[-4000:]}")
-    report = json.loads((out / "barber_report.json").read_text())
+    from barber.layout import REPORT_FILE
+
+    report = json.loads((out / REPORT_FILE).read_text())
     shutil.rmtree(out, ignore_errors=True)  # the pruned copy is not needed; keep the disk free
     return {"report": report, "peak_rss": run.peak_rss, "wall": run.wall, "stdout": run.stdout.strip()}
 
