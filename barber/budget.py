@@ -37,6 +37,7 @@ import torch
 
 from barber.buffers import Placement
 from barber.errors import BudgetError
+from barber.families import EMBED_KEYS
 from barber.sysmem import available_memory, current_rss
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ def model_shapes(ckpt) -> ModelShapes:
     linears = {n: tuple(shapes[n + ".weight"]) for n in fam.linears}
     stored = sum(math.prod(s) * ckpt.info(ckpt.block_tensor_name(0, k)).dtype.itemsize for k, s in shapes.items())
     globals_ = fam.global_tensors(ckpt.config)
-    embed = sum(math.prod(globals_[k][1]) for k in ("embed_tokens", "embed_positions", "project_in") if k in globals_)
+    embed = sum(math.prod(globals_[k][1]) for k in EMBED_KEYS if k in globals_)
     return ModelShapes(
         hidden=ckpt.config.hidden_size,
         block_numel=sum(math.prod(s) for s in shapes.values()),

@@ -32,7 +32,7 @@ import torch
 
 from barber.config import ModelConfig, read_config_json
 from barber.errors import CheckpointError
-from barber.families import FamilySpec, family_for
+from barber.families import EMBED_KEYS, FINAL_KEYS, FamilySpec, family_for
 from barber.layout import INDEX_FILE, REPORT_FILE, SINGLE_FILE, WORK_DIR
 from barber.safetensors_format import TensorInfo, read_safetensors_header
 from barber.sysmem import drop_pages
@@ -220,11 +220,11 @@ class Checkpoint:
 
     def embedding_weights(self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict:
         """Tensors `barber.model.Arch.embed` needs: embed_tokens (+ embed_positions, project_in)."""
-        return self.global_weights(("embed_tokens", "embed_positions", "project_in"), dtype, device)
+        return self.global_weights(EMBED_KEYS, dtype, device)
 
     def final_weights(self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict:
         """Tensors `barber.model.Arch.final_logits` needs: final norm, project_out, lm_head (tied or not)."""
-        return self.global_weights(("norm.weight", "norm.bias", "project_out", "lm_head"), dtype, device)
+        return self.global_weights(FINAL_KEYS, dtype, device)
 
     def _map(self, shard: str) -> mmap.mmap:
         if shard not in self._maps:

@@ -44,7 +44,7 @@ from barber.output import (
     remove_temporaries,
 )
 from barber.pipeline import BlockState, Pruner, PruneSettings
-from barber.state import Fingerprint, SavedState, fingerprint, load_hidden, load_state, restore_rng, save_state
+from barber.state import Fingerprint, SavedState, fingerprint, load_hidden, load_state, save_state
 from barber.writer import copy_side_files, fsync_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -205,7 +205,6 @@ def _block_loop(
     if saved is not None:
         log.info("resuming the run in %s at block %d of %d", work.parent, saved.next_block, n)
         store.adopt(range(saved.next_block), require=saved.next_block < n)
-        restore_rng(saved.rng)
         on_device = pruner.plan_for(*calib_ids.shape).hidden_placement == "device"
         hidden = load_hidden(saved, pruner.settings.device if on_device else None)
         state = BlockState(saved.next_block, hidden, saved.blocks)

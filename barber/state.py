@@ -6,9 +6,13 @@ either the old state or the new one, never a mix. It holds:
 
 - tensor `hidden`: the calibration hidden states entering block `next_block`, raw (bit-exact), or an
   empty tensor once every block is done (assembly needs only the reports);
-- tensor `rng_cpu` (and `rng_cuda` when the run is on a GPU): the torch random state;
 - metadata `barber_state`: JSON with the format, `next_block`, the per-block reports so far, and the
   fingerprint of what the run was started with.
+
+No random state is saved: the pruner draws no random numbers (the calibration windows are sampled
+before the run, from `--seed`, and are part of the fingerprint). A method that draws some must
+take an explicit `torch.Generator` and save its state here. States written when the torch random
+state was saved (tensors `rng_cpu`, `rng_cuda`) still load; those tensors are ignored.
 
 The fingerprint hashes, separately, the checkpoint (config.json bytes, the index, every shard's
 name, size and safetensors header, and the first and last MiB of its tensor data), the calibration
@@ -21,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +37,6 @@ from barber.layout import INDEX_FILE
 from barber.buffers import HiddenBuffer, Placement
 from barber.safetensors_format import TensorInfo, read_header
 from barber.writer import TensorSpec, write_safetensors
-
-log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
 _META_KEY = "barber_state"
@@ -156,7 +157,6 @@ class SavedState:
     fingerprint: Fingerprint
     extra: dict
     infos: dict[str, TensorInfo]
-    rng: dict[str, torch.Tensor]
     hidden: torch.Tensor | None = None
 
 
@@ -173,8 +173,7 @@ def save_state(
     """Atomically replace the state file at `path`; returns the bytes of tensor data written.
 
     `hidden` is streamed to the file in pieces (a GPU buffer is never copied whole to the host, a
-    disk buffer never mapped whole into RSS); None stores an empty tensor. The torch random state
-    of the CPU (and of the current GPU, if any is initialised) is saved with it.
+    disk buffer never mapped whole into RSS); None stores an empty tensor.
     """
     meta = {
         "format": STATE_FORMAT,
@@ -186,11 +185,7 @@ def save_state(
     }
     if hidden is None:
         hidden = HiddenBuffer(torch.empty(0), Placement.HOST, torch.device("cpu"))
-    rng = {"rng_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["rng_cuda"] = torch.cuda.get_rng_state()
     specs = [TensorSpec("hidden", hidden.dtype, tuple(hidden.shape), hidden.host_pieces)]
-    specs += [TensorSpec(k, v.dtype, tuple(v.shape), lambda v=v: v) for k, v in rng.items()]
     return write_safetensors(path, specs, {_META_KEY: json.dumps(meta, sort_keys=True)})
 
 
@@ -238,12 +233,7 @@ def load_state(path: Path) -> SavedState:
         raise StateError(f"{path}: not a barber state file ({type(exc).__name__})") from None
     if not (0 < next_block <= num_blocks and len(blocks) == next_block and "hidden" in infos):
         raise StateError(f"{path}: inconsistent state (next block {next_block} of {num_blocks})")
-    rng = {}
-    for name in ("rng_cpu", "rng_cuda"):
-        if name in infos:
-            rng[name] = torch.empty(infos[name].shape, dtype=infos[name].dtype)
-            _read(path, infos[name], rng[name])
-    return SavedState(path, next_block, num_blocks, blocks, fp, extra, infos, rng)
+    return SavedState(path, next_block, num_blocks, blocks, fp, extra, infos)
 
 
 def load_hidden(saved: SavedState, device: str | torch.device | None) -> HiddenBuffer:
@@ -270,28 +260,11 @@ def _read(path: Path, info: TensorInfo, out: torch.Tensor) -> None:
         raise StateError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
-def restore_rng(rng: dict[str, torch.Tensor]) -> None:
-    """Put back the torch random state saved with a state (the CUDA one only where a GPU is in use)."""
-    if "rng_cpu" in rng:
-        torch.set_rng_state(rng["rng_cpu"])
-    if "rng_cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["rng_cuda"])
-
-
-def remove_state(path: Path) -> None:
-    """Delete a state file (and a leftover temporary one)."""
-    path.unlink(missing_ok=True)
-    path.with_name(f".{path.name}.tmp").unlink(missing_ok=True)
-    log.debug("removed %s", path)
-
-
 __all__ = [
     "Fingerprint",
     "SavedState",
     "fingerprint",
     "load_hidden",
     "load_state",
-    "restore_rng",
     "save_state",
-    "remove_state",
 ]

@@ -244,6 +244,24 @@ def test_disk_states_are_saved_and_restored_without_mapping_them_whole(tmp_path)
     target.close()
 
 
+def test_a_state_with_the_old_random_state_still_loads(tmp_path):
+    """States used to carry the torch random state (tensors rng_cpu, rng_cuda); they still load, and
+    new states carry only the hidden states."""
+    from safetensors.torch import save_file
+
+    from barber.safetensors_format import read_header
+
+    hidden = HiddenBuffer(torch.arange(12.0).view(1, 3, 4), "device", torch.device("cpu"))
+    save_state(tmp_path / "new.safetensors", next_block=1, num_blocks=2, blocks=[{}], hidden=hidden,
+               fp=Fingerprint("c", "d", "s", {}))
+    header = read_header(tmp_path / "new.safetensors")
+    assert set(header.tensors) == {"hidden"}
+    save_file({"hidden": hidden.tensor, "rng_cpu": torch.get_rng_state()}, tmp_path / "old.safetensors",
+              metadata=header.metadata)
+    old = load_state(tmp_path / "old.safetensors")
+    assert old.next_block == 1 and torch.equal(load_hidden(old, "cpu").tensor, hidden.tensor)
+
+
 def test_prefetcher_reads_the_same_tensors(tmp_path):
     ckpt = Checkpoint.open(make_tiny_checkpoint(tmp_path, "llama", layers=3, dtype=torch.bfloat16))
     pre = BlockPrefetcher(ckpt)
