@@ -32,6 +32,7 @@ import logging
 import math
 import re
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -39,6 +40,9 @@ from barber.buffers import Placement
 from barber.errors import BudgetError
 from barber.families import EMBED_KEYS
 from barber.sysmem import available_memory, current_rss
+
+if TYPE_CHECKING:
+    from barber.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +131,7 @@ class ModelShapes:
     embed_numel: int  # the tensors `start` reads (embedding, positions, projection)
 
 
-def model_shapes(ckpt) -> ModelShapes:
+def model_shapes(ckpt: Checkpoint) -> ModelShapes:
     """The plan's shape summary of an opened `barber.checkpoint.Checkpoint` (headers only)."""
     fam = ckpt.family
     shapes = fam.block_shapes(ckpt.config)

@@ -163,7 +163,7 @@ def _prepare(
     return work, fp, saved
 
 
-def _add_run_facts(report: dict, result: "RunResult", settings: PruneSettings, total_seconds: float) -> None:
+def _add_run_facts(report: dict, result: RunResult, settings: PruneSettings, total_seconds: float) -> None:
     """Put what only the whole run knows into `report`: phase times, output bytes, memory, resume point."""
     report["seconds"]["embed"] = result.embed_seconds
     report["seconds"]["assemble"] = result.assemble_seconds
