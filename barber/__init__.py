@@ -27,7 +27,7 @@ _EXPORTS = {
     "InitMethod": "barber.prune",
     "Granularity": "barber.prune",
     "Metric": "barber.prune",
-    "MemoryBudget": "barber.memory",
+    "MemoryBudget": "barber.budget",
     "prune_checkpoint": "barber.run",
     "prune_and_evaluate": "barber.api",
     "Evaluation": "barber.api",

@@ -17,11 +17,13 @@ from pathlib import Path
 import torch
 
 from barber.calib import load_calibration
-from barber.checkpoint import REPORT_FILE, Checkpoint
+from barber.checkpoint import Checkpoint
 from barber.errors import DataError, UsageError
 from barber.evaluate import PerplexityResult, perplexity
-from barber.memory import MemoryBudget
-from barber.run import StopCheck, inspect_output, prune_checkpoint
+from barber.budget import MemoryBudget
+from barber.layout import REPORT_FILE
+from barber.output import StopCheck, inspect_output
+from barber.run import prune_checkpoint
 from barber.settings import PruneSettings
 from barber.tokenizer import load_tokenizer
 from barber.writer import write_json_atomic

@@ -1,16 +1,15 @@
 """Lazy, validated reading of Hugging Face safetensors checkpoints, one tensor or one block at a time.
 
 `Checkpoint.open(dir)` reads only `config.json`, the optional `model.safetensors.index.json` and the
-safetensors headers. Headers are parsed here, not by the safetensors library, with bounded reads
-(8-byte little-endian length, capped; JSON; every entry checked against the file size), so a corrupt
-or hostile file gives a one-line `CheckpointError` rather than a crash or a huge allocation. Every
-tensor a block or the model needs is then checked against the shape config.json implies.
+safetensors headers (with the bounded, validating reader of `barber.safetensors_format`, so a corrupt
+or hostile file gives a one-line `CheckpointError`). Every tensor a block or the model needs is then
+checked against the shape config.json implies.
 
 Reads are lazy: `tensor(name)` maps the shard file and copies exactly that tensor's bytes out of the
 mapping into fresh memory, then tells the kernel to drop those mapped pages (`madvise(DONTNEED)`), so
 nothing of a finished block stays resident. Reads are serialised by a per-checkpoint lock, so a
-prefetch thread may read the next block while the caller computes. Returned tensors own their memory
-and may be modified. This module does I/O only; the math is in `barber.model`.
+prefetch thread (`BlockPrefetcher`) may read the next block while the caller computes. Returned
+tensors own their memory and may be modified. This module does I/O only; the math is in `barber.model`.
 
 Example::
 
@@ -25,7 +24,7 @@ import logging
 import mmap
 import os
 import threading
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -33,131 +32,15 @@ import torch
 
 from barber.config import ModelConfig, read_config_json
 from barber.errors import CheckpointError
-from barber.families import FamilySpec, family_for
+from barber.families import EMBED_KEYS, FINAL_KEYS, FamilySpec, family_for
+from barber.layout import INDEX_FILE, REPORT_FILE, SINGLE_FILE, WORK_DIR
+from barber.safetensors_format import TensorInfo, read_safetensors_header
+from barber.sysmem import drop_pages
 
 log = logging.getLogger(__name__)
 
-#: Largest accepted safetensors JSON header (the safetensors library uses the same 100 MB cap).
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-
-SINGLE_FILE = "model.safetensors"
 #: Bytes copied out of a mapped shard at a time by `Checkpoint.tensor`.
 READ_CHUNK = 16 * 2**20
-INDEX_FILE = "model.safetensors.index.json"
-
-#: `barber-stream` keeps its work (and resume state) in this directory of its output while running,
-#: and writes REPORT_FILE last: a directory with the first and without the second is unfinished.
-WORK_DIR = ".barber-work"
-REPORT_FILE = "barber_report.json"
-
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives: its shard file, dtype, shape and absolute byte range in the file."""
-
-    shard: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-
-def read_safetensors_header(path: Path, shard: str | None = None) -> dict[str, TensorInfo]:
-    """Parse and validate the header of one safetensors file.
-
-    Args:
-        path: the file.
-        shard: the name recorded in each `TensorInfo` (default: the file name).
-
-    Returns:
-        tensor name -> TensorInfo with absolute file offsets.
-
-    Raises:
-        CheckpointError: unreadable, truncated, oversized header, bad JSON, or entries that do not fit the file.
-    """
-    shard = shard or path.name
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-            n = int.from_bytes(prefix, "little")
-            if n > MAX_HEADER_BYTES:
-                raise CheckpointError(f"{path}: corrupt safetensors header (claims {n} bytes)")
-            if 8 + n > size:
-                raise CheckpointError(f"{path}: truncated safetensors file (header of {n} bytes, file of {size})")
-            raw = f.read(n)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError):  # bad UTF-8 or JSON, oversized integers, absurd nesting
-        raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON)") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    data_start, data_size = 8 + n, size - 8 - n
-    out: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            if not (isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())):
-                raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ is not a string map)")
-            continue
-        out[name] = _tensor_info(path, shard, name, entry, data_start, data_size)
-    return out
-
-
-def _tensor_info(path: Path, shard: str, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
-    """Validate one header entry: dtype known, shape of non-negative ints, offsets matching and inside the file."""
-    bad = f"{path}: corrupt safetensors header (entry {name!r}"
-    if not isinstance(entry, dict):
-        raise CheckpointError(f"{bad} is not an object)")
-    dtype_name = entry.get("dtype")
-    dtype = _DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
-    if dtype is None:
-        raise CheckpointError(f"{bad} has unsupported dtype {entry.get('dtype')!r})")
-    shape, offsets = entry.get("shape"), entry.get("data_offsets")
-    if not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)):
-        raise CheckpointError(f"{bad} has an invalid shape)")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-        raise CheckpointError(f"{bad} has invalid data_offsets)")
-    begin, end = offsets
-    nbytes = _nbytes(shape, torch.empty((), dtype=dtype).element_size(), data_size)
-    if nbytes is None:
-        raise CheckpointError(f"{path}: truncated safetensors file (tensor {name!r} of shape {shape} exceeds the file)")
-    if not 0 <= begin <= end or end - begin != nbytes:
-        raise CheckpointError(f"{bad}: data_offsets {offsets} do not match shape {shape})")
-    if end > data_size:
-        raise CheckpointError(f"{path}: truncated safetensors file (tensor {name!r} ends past the end of the file)")
-    return TensorInfo(shard, dtype, tuple(shape), data_start + begin, data_start + end)
-
-
-def _nbytes(shape: list[int], itemsize: int, limit: int) -> int | None:
-    """Bytes of a tensor of `shape`, or None when that exceeds `limit` (computed without huge integers)."""
-    if 0 in shape:
-        return 0
-    n = itemsize
-    for s in shape:
-        n *= s
-        if n > limit:
-            return None
-    return n
-
 
 class Checkpoint:
     """A validated, lazily read Hugging Face checkpoint directory.
@@ -302,7 +185,7 @@ class Checkpoint:
                 for lo in range(0, nbytes, READ_CHUNK):
                     hi = min(lo + READ_CHUNK, nbytes)
                     dst[lo:hi] = np.frombuffer(mm, dtype=np.uint8, count=hi - lo, offset=info.start + lo)
-                    _drop_pages(mm, info.start + lo, info.start + hi)
+                    drop_pages(mm, info.start + lo, info.start + hi)
         t = raw.view(info.dtype).reshape(info.shape)
         return t.to(device=device, dtype=dtype or info.dtype)
 
@@ -337,11 +220,11 @@ class Checkpoint:
 
     def embedding_weights(self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict:
         """Tensors `barber.model.Arch.embed` needs: embed_tokens (+ embed_positions, project_in)."""
-        return self.global_weights(("embed_tokens", "embed_positions", "project_in"), dtype, device)
+        return self.global_weights(EMBED_KEYS, dtype, device)
 
     def final_weights(self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict:
         """Tensors `barber.model.Arch.final_logits` needs: final norm, project_out, lm_head (tied or not)."""
-        return self.global_weights(("norm.weight", "norm.bias", "project_out", "lm_head"), dtype, device)
+        return self.global_weights(FINAL_KEYS, dtype, device)
 
     def _map(self, shard: str) -> mmap.mmap:
         if shard not in self._maps:
@@ -377,16 +260,49 @@ class Checkpoint:
         return f"Checkpoint({str(self.path)!r}, {self.family.name}, {self.num_layers} blocks)"
 
 
-def _drop_pages(mm: mmap.mmap, start: int, end: int) -> None:
-    """Tell the kernel the mapped pages of [start, end) are no longer needed, so they leave our RSS."""
-    if not hasattr(mm, "madvise"):
-        return
-    page = mmap.PAGESIZE
-    lo = start - start % page
-    try:
-        mm.madvise(mmap.MADV_DONTNEED, lo, end - lo)
-    except (OSError, ValueError):
-        pass
+class BlockPrefetcher:
+    """Reads blocks in a background thread, one ahead, in their stored dtype on the CPU.
+
+    `take(i)` returns block i's tensors (waiting for a read in flight, or reading now); `ahead(i)`
+    starts reading block i. At most one block is read ahead. Conversion to the compute dtype and
+    device happens in the caller, so values are the same as a direct read.
+    """
+
+    def __init__(self, ckpt: Checkpoint, enabled: bool = True):
+        self.ckpt = ckpt
+        self.enabled = enabled
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: dict[int, Future] = {}
+        self._lock = threading.Lock()
+
+    def ahead(self, i: int) -> None:
+        """Start reading block i in the background (no-op when disabled, out of range or in flight)."""
+        if not self.enabled or not 0 <= i < self.ckpt.num_layers:
+            return
+        with self._lock:
+            if i in self._pending:
+                return
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="barber-prefetch")
+            self._pending[i] = self._pool.submit(self.ckpt.block_weights, i)
+
+    def take(self, i: int) -> dict[str, torch.Tensor]:
+        """Block i's tensors in their stored dtype on the CPU."""
+        with self._lock:
+            future = self._pending.pop(i, None)
+        if future is not None:
+            return future.result()
+        return self.ckpt.block_weights(i)
+
+    def close(self) -> None:
+        """Drop any block read ahead and stop the thread."""
+        with self._lock:
+            pending, self._pending = list(self._pending.values()), {}
+            pool, self._pool = self._pool, None
+        for future in pending:
+            future.cancel()
+        if pool is not None:
+            pool.shutdown(wait=True)
 
 
 def _read_all_headers(root: Path) -> dict[str, TensorInfo]:

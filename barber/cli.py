@@ -16,11 +16,12 @@ import logging
 import os
 import signal
 import sys
+import textwrap
 import threading
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
-from barber.errors import BarberError, UsageError
+from barber.errors import RESUME_HINT, BarberError, Interrupted, UsageError, exit_code_table
 from barber.prune import Granularity, InitMethod, Metric, Pattern
 from barber.settings import DEFAULT_RECIPE, RECIPES, Reconstruct
 
@@ -35,13 +36,21 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def _size_arg(text: str) -> int:
-    """argparse type of a memory budget such as 6GiB or 500MiB (see `barber.memory.parse_bytes`)."""
-    from barber.memory import parse_bytes
+    """argparse type of a memory budget such as 6GiB or 500MiB (see `barber.budget.parse_bytes`)."""
+    from barber.budget import parse_bytes
 
     try:
         return parse_bytes(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _hidden_arg(text: str) -> str:
+    """argparse type of --hidden-states: "pinned", the old name of host, still works (with a notice)."""
+    if text == "pinned":
+        print("barber-stream: --hidden-states pinned is deprecated, use host", file=sys.stderr)
+        return "host"
+    return text
 
 
 def run_cli(body: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
@@ -149,7 +158,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
 DEMO_OUT = "runs/smollm2-135m-wanda-barber-50"
 
 
-STREAM_EPILOG = """\
+_INTERRUPTIONS = """\
 interruptions:
   After every block (or every --state-interval seconds), the pruned block and the state needed
   to continue are saved in OUT/.barber-work/. A run that stops for any reason (Ctrl-C, SIGTERM, a crash, a full disk,
@@ -158,18 +167,18 @@ interruptions:
   a second one stops at once. A state saved with another checkpoint, calibration data or
   settings is refused (--overwrite starts over). OUT is complete only once barber_report.json
   exists; the shards appear there only when all are written.
-
-exit codes:
-  0    success
-  1    other barber error
-  2    usage: bad options, --out not usable (input, inside it, non-empty, in use), nothing to
-       --resume, or an interrupted run with a different checkpoint/calibration/settings
-  3    input checkpoint missing, incomplete, corrupt or unsupported, or an unreadable tokenizer
-  4    calibration or evaluation data missing, unreadable or too short
-  5    the output cannot be written (no space left, permissions); the run stays resumable
-  130  stopped by SIGINT (Ctrl-C), resumable
-  143  stopped by SIGTERM, resumable
 """
+
+
+def _exit_codes() -> str:
+    """The exit-code table of the help: success, one line per error class's code, the signal stops."""
+    rows = [(0, "success"), *exit_code_table()]
+    rows += [(128 + sig, f"stopped by {sig.name}{' (Ctrl-C)' if sig == signal.SIGINT else ''}, resumable")
+             for sig in GracefulStop.SIGNALS]
+    lines = ["exit codes:"]
+    for code, text in rows:
+        lines.append(textwrap.fill(text, 98, initial_indent=f"  {code:<5}", subsequent_indent=" " * 7))
+    return "\n".join(lines) + "\n"
 
 
 class _StreamHelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -214,6 +223,9 @@ class GracefulStop:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+STREAM_EPILOG = _INTERRUPTIONS + "\n" + _exit_codes()
 
 
 def _stream_parser() -> ArgumentParser:
@@ -323,9 +335,9 @@ def _stream_parser() -> ArgumentParser:
                    help="peak RSS budget, e.g. 6GiB or 500MiB (default: 80%% of the memory available at start)")
     r.add_argument("--max-gpu-memory", type=_size_arg, default=None, metavar="SIZE",
                    help="GPU memory budget, e.g. 6GiB (default: 90%% of the free GPU memory, at most 9 GiB)")
-    r.add_argument("--hidden-states", choices=["auto", "device", "pinned", "disk"], default="auto",
-                   help="where calibration hidden states live: on the compute device, in pinned host memory, or in a "
-                   "file under --out/.barber-work; auto = the first that fits the budgets")
+    r.add_argument("--hidden-states", type=_hidden_arg, choices=["auto", "device", "host", "disk"], default="auto",
+                   help="where calibration hidden states live: on the compute device, in host memory (page-locked "
+                   "on a GPU run), or in a file under --out/.barber-work; auto = the first that fits the budgets")
     r.add_argument("--no-prefetch", action="store_true", help="do not read the next block while this one computes")
     r.add_argument("--allow-tf32", action="store_true",
                    help="let float32 matmuls on a GPU use TF32 (faster; gradients, hence a few mask entries, may change)")
@@ -342,13 +354,14 @@ def _stream_parser() -> ArgumentParser:
 def _apply_demo(args: argparse.Namespace) -> None:
     """The README's first command: SmolLM2-135M, 50% Wanda + Barber, sized for a few minutes on 2 cores."""
     from barber import assets
+    from barber.layout import STATE_FILE, WORK_DIR
 
     if args.ckpt is None:
         args.ckpt = str(assets.smollm2_dir())
     if args.out is None:
         args.out = DEMO_OUT
         # replace an earlier demo result, but let an interrupted demo resume
-        args.overwrite = not args.resume and not (Path(DEMO_OUT) / ".barber-work" / "state.safetensors").exists()
+        args.overwrite = not args.resume and not (Path(DEMO_OUT) / WORK_DIR / STATE_FILE).exists()
     if args.calib is None:
         args.calib = str(assets.botchan_path())
     if args.eval is None:
@@ -423,7 +436,7 @@ def _construct(cls, **kwargs):
 
 def _budget(args: argparse.Namespace):
     """The MemoryBudget of the parsed options."""
-    from barber.memory import MemoryBudget
+    from barber.budget import MemoryBudget
 
     if args.allow_tf32 and not args.device.startswith("cuda"):
         logging.getLogger("barber.cli").warning("--allow-tf32 has no effect on %s", args.device)
@@ -447,7 +460,7 @@ def _stream_body(argv: Sequence[str] | None) -> int:
     from barber.api import Evaluation, prune_and_evaluate
     from barber.checkpoint import Checkpoint
     from barber.pipeline import Pruner
-    from barber.run import RESUME_HINT, Interrupted, inspect_output
+    from barber.output import inspect_output
 
     ckpt = Checkpoint.open(args.ckpt)
     inspect_output(ckpt.path, Path(args.out), overwrite=args.overwrite, resume=args.resume)  # before the slow parts

@@ -3,7 +3,6 @@
 Both the transformers 4 and transformers 5 spellings are accepted:
 
 - rotary base and scaling: `rope_theta` + `rope_scaling` (4.x) or one `rope_parameters` dict (5.x);
-- storage dtype: `torch_dtype` (4.x) or `dtype` (5.x);
 - OPT's own names: `ffn_dim`, `activation_function`, `enable_bias`, `word_embed_proj_dim`, `do_layer_norm_before`.
 
 Supported rotary types: `default`, `linear` and `llama3` (LLaMA-3.1 style). Any other type is a
@@ -51,14 +50,12 @@ class ModelConfig:
         rope_theta: rotary base; None for learned positions (OPT).
         rope_scaling: None for unscaled rotary embeddings.
         tie_word_embeddings: the output head reuses the token embedding.
-        torch_dtype: the dtype named in config.json, or None.
         attention_bias / mlp_bias: llama-style bias switches (Qwen2 q/k/v biases come from the family).
         sliding_window: Mistral-style local attention span, or None for full causal attention.
         word_embed_proj_dim: OPT embedding width (== hidden_size when there is no project_in/out).
         do_layer_norm_before: pre-LN (True) or post-LN (False, OPT-350m).
         final_layer_norm: OPT has a final LayerNorm only when pre-LN and not `_remove_final_layer_norm`.
         norm_affine: OPT `layer_norm_elementwise_affine`.
-        bos_token_id / eos_token_id: from config.json, possibly None.
     """
 
     model_type: str
@@ -75,7 +72,6 @@ class ModelConfig:
     rope_theta: float | None = None
     rope_scaling: RopeScaling | None = None
     tie_word_embeddings: bool = False
-    torch_dtype: str | None = None
     attention_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None
@@ -83,8 +79,6 @@ class ModelConfig:
     do_layer_norm_before: bool = True
     final_layer_norm: bool = True
     norm_affine: bool = True
-    bos_token_id: int | None = None
-    eos_token_id: int | None = None
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
@@ -126,17 +120,12 @@ def _get(d: Mapping[str, Any], key: str, kind: type, default: Any = ..., *, posi
     return value
 
 
-def _token_id(d: Mapping[str, Any], key: str) -> int | None:
-    """bos/eos ids may be an int, a list (first one is used) or null."""
+def token_id(d: Mapping[str, Any], key: str) -> int | None:
+    """A special token id of config.json (`bos_token_id`, ...): an int, a list (the first is used) or null."""
     value = d.get(key)
     if isinstance(value, list):
         value = value[0] if value else None
     return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _dtype_name(d: Mapping[str, Any]) -> str | None:
-    value = d.get("dtype", d.get("torch_dtype"))
-    return value if isinstance(value, str) else None
 
 
 def _rope(d: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
@@ -212,13 +201,10 @@ def _rotary_config(model_type: str, d: Mapping[str, Any]) -> ModelConfig:
         rope_theta=theta,
         rope_scaling=scaling,
         tie_word_embeddings=_get(d, "tie_word_embeddings", bool, False),
-        torch_dtype=_dtype_name(d),
         attention_bias=_get(d, "attention_bias", bool, False),
         mlp_bias=_get(d, "mlp_bias", bool, False),
         sliding_window=sliding,
         word_embed_proj_dim=hidden,
-        bos_token_id=_token_id(d, "bos_token_id"),
-        eos_token_id=_token_id(d, "eos_token_id"),
     )
 
 
@@ -243,15 +229,12 @@ def _opt_config(d: Mapping[str, Any]) -> ModelConfig:
         norm_eps=1e-5,  # nn.LayerNorm default; OPT configs carry no epsilon
         hidden_act=_get(d, "activation_function", str, "relu"),
         tie_word_embeddings=_get(d, "tie_word_embeddings", bool, True),
-        torch_dtype=_dtype_name(d),
         attention_bias=bias,
         mlp_bias=bias,
         word_embed_proj_dim=_get(d, "word_embed_proj_dim", int, hidden, positive=True),
         do_layer_norm_before=pre_ln,
         final_layer_norm=pre_ln and not _get(d, "_remove_final_layer_norm", bool, False),
         norm_affine=_get(d, "layer_norm_elementwise_affine", bool, True),
-        bos_token_id=_token_id(d, "bos_token_id"),
-        eos_token_id=_token_id(d, "eos_token_id"),
     )
 
 

@@ -1,7 +1,7 @@
 """Model families as data: tensor names and block structure of llama, mistral, qwen2 and opt.
 
 A `FamilySpec` says where each tensor lives in a Hugging Face checkpoint and how a block is wired
-(norm kind, gated or fc MLP, rotary or learned positions, which linears form the attention and the
+(norm kind, gated or fc MLP (a gate linear or none), rotary or learned positions, which linears form the attention and the
 MLP sub-blocks). `barber.model` turns it into math; `barber.checkpoint` uses it to find and check
 tensors. Adding a family is adding a table entry, not a module.
 
@@ -11,14 +11,17 @@ is ``block_prefix.format(i=i) + local``. Model-level tensors use fixed keys (see
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from barber.config import ModelConfig
 from barber.errors import CheckpointError
 
-#: Keys of the model-level (non-block) weights, as returned by `Checkpoint.embedding_weights` and
-#: `Checkpoint.final_weights`.
-GLOBAL_KEYS = ("embed_tokens", "embed_positions", "project_in", "norm.weight", "norm.bias", "project_out", "lm_head")
+#: Keys of the model-level (non-block) weights before the first block (`Checkpoint.embedding_weights`,
+#: what `barber.model.Arch.embed` needs) and after the last (`Checkpoint.final_weights`).
+EMBED_KEYS = ("embed_tokens", "embed_positions", "project_in")
+FINAL_KEYS = ("norm.weight", "norm.bias", "project_out", "lm_head")
+GLOBAL_KEYS = EMBED_KEYS + FINAL_KEYS
 
 
 @dataclass(frozen=True)
@@ -29,12 +32,12 @@ class FamilySpec:
         name: the `model_type` this spec serves.
         block_prefix: full-name prefix of block i, with an ``{i}`` field.
         norm: "rms" (RMSNorm, weight only) or "layer" (LayerNorm, weight and bias).
-        gated_mlp: down(act(gate(x)) * up(x)) when True; fc2(act(fc1(x))) when False.
         positions: "rope" (rotary, cos/sin passed in) or "learned" (table added to the embeddings).
         position_offset: row offset into the learned position table (OPT: 2).
         attn_norm / mlp_norm: block-local names of the two norms (without ``.weight``).
         q, k, v, o: block-local names of the attention linears (without ``.weight``).
-        gate, up, down: block-local names of the MLP linears (gate is None for fc MLPs; up = fc1, down = fc2).
+        gate, up, down: block-local names of the MLP linears: down(act(gate(x)) * up(x)), or for an fc MLP
+            (gate None) fc2(act(fc1(x))) with up = fc1, down = fc2.
         qkv_bias: q/k/v always carry biases (Qwen2), whatever `attention_bias` says.
         scale_query_before: OPT multiplies q by head_dim**-0.5 before the dot product (same math, other rounding).
         embed_tokens, embed_positions, project_in, project_out, final_norm, lm_head: full names of the
@@ -44,7 +47,6 @@ class FamilySpec:
     name: str
     block_prefix: str
     norm: str
-    gated_mlp: bool
     positions: str
     position_offset: int
     attn_norm: str
@@ -139,7 +141,6 @@ _LLAMA = FamilySpec(
     name="llama",
     block_prefix="model.layers.{i}.",
     norm="rms",
-    gated_mlp=True,
     positions="rope",
     position_offset=0,
     attn_norm="input_layernorm",
@@ -165,7 +166,6 @@ _OPT = FamilySpec(
     name="opt",
     block_prefix="model.decoder.layers.{i}.",
     norm="layer",
-    gated_mlp=False,
     positions="learned",
     position_offset=2,
     attn_norm="self_attn_layer_norm",
@@ -189,8 +189,8 @@ _OPT = FamilySpec(
 
 FAMILIES: dict[str, FamilySpec] = {
     "llama": _LLAMA,
-    "mistral": FamilySpec(**{**_LLAMA.__dict__, "name": "mistral"}),
-    "qwen2": FamilySpec(**{**_LLAMA.__dict__, "name": "qwen2", "qkv_bias": True}),
+    "mistral": dataclasses.replace(_LLAMA, name="mistral"),
+    "qwen2": dataclasses.replace(_LLAMA, name="qwen2", qkv_bias=True),
     "opt": _OPT,
 }
 

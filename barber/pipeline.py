@@ -44,7 +44,9 @@ import torch
 from barber import prune, reconstruct
 from barber.checkpoint import Checkpoint
 from barber.initial import INITIAL, Stats, collect_stats, initial_masks
-from barber.memory import HiddenBuffer, MemoryBudget, peak_rss, release_free_memory
+from barber.budget import MemoryBudget
+from barber.buffers import HiddenBuffer
+from barber.sysmem import peak_rss, release_free_memory
 from barber.model import Arch, Positions, SubBlock
 from barber.rebuild import gradient_pass, rebuild_subblock
 from barber.residency import HiddenStates
@@ -111,7 +113,7 @@ class Pruner:
         ckpt: the opened input checkpoint.
         settings: what to prune and how.
         progress: show tqdm bars over samples in the gradient pass.
-        budget: memory budgets and forced choices (default: automatic, see `barber.memory`).
+        budget: memory budgets and forced choices (default: automatic, see `barber.budget`).
         work_dir: where disk-backed hidden states go (default: the system's temporary directory).
     """
 

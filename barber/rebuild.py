@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from barber import prune
-from barber.memory import GRAD_CHUNK_BYTES
+from barber.budget import GRAD_CHUNK_BYTES
 from barber.model import Positions, SubBlock
 from barber.settings import PruneSettings
 

@@ -1,6 +1,6 @@
 """Where the calibration hidden states live while a checkpoint is pruned: `HiddenStates`.
 
-One object owns the memory plan (`barber.memory.plan_memory`), made once when the calibration size
+One object owns the memory plan (`barber.budget.plan_memory`), made once when the calibration size
 is known, and everything the plan places: the trajectory buffer `h` [N, T, d] (the sparse
 trajectory entering the next block), one scratch buffer of the same shape (the gradient pass's
 dense sub-block outputs), the micro-batches they are read and written in, and the background
@@ -14,16 +14,10 @@ from pathlib import Path
 
 import torch
 
-from barber.memory import (
-    BlockPrefetcher,
-    HiddenBuffer,
-    MemoryBudget,
-    MemoryPlan,
-    current_rss,
-    model_shapes,
-    peak_rss,
-    plan_memory,
-)
+from barber.budget import MemoryBudget, MemoryPlan, model_shapes, plan_memory
+from barber.buffers import HiddenBuffer, Placement
+from barber.checkpoint import BlockPrefetcher
+from barber.sysmem import current_rss, peak_rss
 from barber.settings import PruneSettings
 from barber.prune import InitMethod
 
@@ -91,7 +85,7 @@ class HiddenStates:
     def buffer(self, name: str, shape: tuple[int, ...]) -> HiddenBuffer:
         """A planned buffer of hidden-state shape in the compute dtype (disk: `work_dir/<name>-<id>.bin`)."""
         s, path = self.settings, None
-        if self.plan.hidden_placement == "disk":
+        if self.plan.hidden_placement is Placement.DISK:
             root = self.work_dir if self.work_dir is not None else Path(tempfile.gettempdir())
             path = root / f"{name}-{id(self):x}.bin"
         return HiddenBuffer.allocate(shape, s.dtype, self.plan.hidden_placement, s.device, path)
@@ -106,10 +100,10 @@ class HiddenStates:
         if hidden is self.trajectory:
             return hidden
         s, t = self.settings, hidden.tensor
-        if self.plan.hidden_placement == "device" and hidden.placement == "device" and _on(t, s.device) and (
+        if self.plan.hidden_placement is Placement.DEVICE and hidden.placement is Placement.DEVICE and _on(t, s.device) and (
             t.dtype == s.dtype
         ):
-            self.trajectory = HiddenBuffer(t, "device", torch.device(s.device))
+            self.trajectory = HiddenBuffer(t, Placement.DEVICE, torch.device(s.device))
         else:
             self.trajectory = self.buffer("hidden", tuple(hidden.shape))
             for c in self.chunks():

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from barber.errors import UsageError
+from barber.errors import SettingsError
 from barber.prune import Granularity, InitMethod, Metric, Pattern
 
 __all__ = ["PruneSettings", "Reconstruct", "SettingsError", "default_rebuild"]
@@ -26,15 +26,6 @@ class Reconstruct(enum.Enum):
     NONE = "none"  # keep the values the mask was applied to (dense, or SparseGPT's updated ones)
     LAYER = "layer"  # each linear against the dense layer's output on its input from the statistics pass
     SUBBLOCK = "subblock"  # linear by linear through the sub-block, against the dense sub-block's output
-
-
-class SettingsError(UsageError):
-    """A setting out of range or contradicting another; `field` names it (the CLI shows its option)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field} {message}")
-        self.field = field
-        self.detail = message
 
 
 def default_rebuild(init: InitMethod, pattern: Pattern) -> tuple[float, Granularity]:

@@ -6,9 +6,13 @@ either the old state or the new one, never a mix. It holds:
 
 - tensor `hidden`: the calibration hidden states entering block `next_block`, raw (bit-exact), or an
   empty tensor once every block is done (assembly needs only the reports);
-- tensor `rng_cpu` (and `rng_cuda` when the run is on a GPU): the torch random state;
 - metadata `barber_state`: JSON with the format, `next_block`, the per-block reports so far, and the
   fingerprint of what the run was started with.
+
+No random state is saved: the pruner draws no random numbers (the calibration windows are sampled
+before the run, from `--seed`, and are part of the fingerprint). A method that draws some must
+take an explicit `torch.Generator` and save its state here. States written when the torch random
+state was saved (tensors `rng_cpu`, `rng_cuda`) still load; those tensors are ignored.
 
 The fingerprint hashes, separately, the checkpoint (config.json bytes, the index, every shard's
 name, size and safetensors header, and the first and last MiB of its tensor data), the calibration
@@ -21,29 +25,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from barber import __version__
-from barber.checkpoint import INDEX_FILE, MAX_HEADER_BYTES, Checkpoint, TensorInfo, read_safetensors_header
-from barber.errors import BarberError, CheckpointError
-from barber.memory import HiddenBuffer
+from barber.checkpoint import Checkpoint
+from barber.errors import CheckpointError, StateError
+from barber.layout import INDEX_FILE
+from barber.buffers import HiddenBuffer, Placement
+from barber.safetensors_format import TensorInfo, read_header
 from barber.writer import TensorSpec, write_safetensors
 
-log = logging.getLogger(__name__)
-
-STATE_NAME = "state.safetensors"
 STATE_FORMAT = 1
 _META_KEY = "barber_state"
 _CHUNK = 64 * 1024 * 1024  # bytes per read when restoring hidden states
 _SAMPLE_BYTES = 1024 * 1024  # bytes hashed at each end of every shard's data
-
-
-class StateError(BarberError):
-    """A saved state cannot be read or is inconsistent (the caller adds what to do about it)."""
 
 
 @dataclass(frozen=True)
@@ -101,22 +99,6 @@ def _sha256_json(payload: object) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def raw_header(path: Path) -> bytes:
-    """The 8-byte length and JSON header of a safetensors file, read with a bounded size."""
-    try:
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-            if not 0 <= n <= MAX_HEADER_BYTES:
-                raise CheckpointError(f"{path}: corrupt safetensors header")
-            raw = f.read(n)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    if len(raw) != n:
-        raise CheckpointError(f"{path}: truncated safetensors file")
-    return prefix + raw
-
-
 def checkpoint_digest(ckpt: Checkpoint) -> str:
     """sha256 of config.json, the index (if any), and every shard's name, size, header and the first
     and last MiB of its data (a sample: hashing every byte of a 26 GB checkpoint would take minutes)."""
@@ -134,7 +116,7 @@ def checkpoint_digest(ckpt: Checkpoint) -> str:
             size = path.stat().st_size
             add("shard", shard.encode())
             add("size", str(size).encode())
-            header = raw_header(path)
+            header = read_header(path).raw
             add("header", header)
             with open(path, "rb") as f:  # a sample of the data: its first and last MiB
                 f.seek(len(header))
@@ -175,7 +157,6 @@ class SavedState:
     fingerprint: Fingerprint
     extra: dict
     infos: dict[str, TensorInfo]
-    rng: dict[str, torch.Tensor]
     hidden: torch.Tensor | None = None
 
 
@@ -192,8 +173,7 @@ def save_state(
     """Atomically replace the state file at `path`; returns the bytes of tensor data written.
 
     `hidden` is streamed to the file in pieces (a GPU buffer is never copied whole to the host, a
-    disk buffer never mapped whole into RSS); None stores an empty tensor. The torch random state
-    of the CPU (and of the current GPU, if any is initialised) is saved with it.
+    disk buffer never mapped whole into RSS); None stores an empty tensor.
     """
     meta = {
         "format": STATE_FORMAT,
@@ -204,12 +184,8 @@ def save_state(
         "extra": extra or {},
     }
     if hidden is None:
-        hidden = HiddenBuffer(torch.empty(0), "pinned", torch.device("cpu"))
-    rng = {"rng_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["rng_cuda"] = torch.cuda.get_rng_state()
+        hidden = HiddenBuffer(torch.empty(0), Placement.HOST, torch.device("cpu"))
     specs = [TensorSpec("hidden", hidden.dtype, tuple(hidden.shape), hidden.host_pieces)]
-    specs += [TensorSpec(k, v.dtype, tuple(v.shape), lambda v=v: v) for k, v in rng.items()]
     return write_safetensors(path, specs, {_META_KEY: json.dumps(meta, sort_keys=True)})
 
 
@@ -242,14 +218,12 @@ def load_state(path: Path) -> SavedState:
         StateError: the file is unreadable, not a state file, of another format, or inconsistent.
     """
     try:
-        header = json.loads(raw_header(path)[8:].decode("utf-8"))
-        infos = read_safetensors_header(path)
+        header = read_header(path)
     except CheckpointError as exc:
         raise StateError(str(exc)) from None
-    except (ValueError, RecursionError):
-        raise StateError(f"{path}: corrupt header") from None
+    infos = header.tensors
     try:
-        meta = json.loads(header["__metadata__"][_META_KEY])
+        meta = json.loads(header.metadata[_META_KEY])
         if meta["format"] != STATE_FORMAT:
             raise StateError(f"{path}: state format {meta['format']}, this barber reads {STATE_FORMAT}")
         next_block, num_blocks, blocks = int(meta["next_block"]), int(meta["num_blocks"]), list(meta["blocks"])
@@ -259,12 +233,7 @@ def load_state(path: Path) -> SavedState:
         raise StateError(f"{path}: not a barber state file ({type(exc).__name__})") from None
     if not (0 < next_block <= num_blocks and len(blocks) == next_block and "hidden" in infos):
         raise StateError(f"{path}: inconsistent state (next block {next_block} of {num_blocks})")
-    rng = {}
-    for name in ("rng_cpu", "rng_cuda"):
-        if name in infos:
-            rng[name] = torch.empty(infos[name].shape, dtype=infos[name].dtype)
-            _read(path, infos[name], rng[name])
-    return SavedState(path, next_block, num_blocks, blocks, fp, extra, infos, rng)
+    return SavedState(path, next_block, num_blocks, blocks, fp, extra, infos)
 
 
 def load_hidden(saved: SavedState, device: str | torch.device | None) -> HiddenBuffer:
@@ -281,7 +250,7 @@ def load_hidden(saved: SavedState, device: str | torch.device | None) -> HiddenB
             raise StateError(f"{saved.path}: cannot map: {exc}") from None
     hidden = torch.empty(info.shape, dtype=info.dtype, device=device)
     _read(saved.path, info, hidden)
-    return HiddenBuffer(hidden, "device", torch.device(device))
+    return HiddenBuffer(hidden, Placement.DEVICE, torch.device(device))
 
 
 def _read(path: Path, info: TensorInfo, out: torch.Tensor) -> None:
@@ -291,30 +260,11 @@ def _read(path: Path, info: TensorInfo, out: torch.Tensor) -> None:
         raise StateError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
-def restore_rng(rng: dict[str, torch.Tensor]) -> None:
-    """Put back the torch random state saved with a state (the CUDA one only where a GPU is in use)."""
-    if "rng_cpu" in rng:
-        torch.set_rng_state(rng["rng_cpu"])
-    if "rng_cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["rng_cuda"])
-
-
-def remove_state(path: Path) -> None:
-    """Delete a state file (and a leftover temporary one)."""
-    path.unlink(missing_ok=True)
-    path.with_name(f".{path.name}.tmp").unlink(missing_ok=True)
-    log.debug("removed %s", path)
-
-
 __all__ = [
-    "STATE_NAME",
     "Fingerprint",
     "SavedState",
-    "StateError",
     "fingerprint",
     "load_hidden",
     "load_state",
-    "restore_rng",
     "save_state",
-    "remove_state",
 ]

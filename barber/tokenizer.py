@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from barber.config import token_id
 from barber.errors import CheckpointError
 
 
@@ -89,7 +90,11 @@ def _load_file(path: Path, ckpt_dir: Path) -> Tokenizer:
 
 
 def _load_hf(path: Path, ckpt_dir: Path) -> Tokenizer:
-    """tokenizer.json; BOS/EOS come from config.json, then tokenizer_config.json, then common token names."""
+    """tokenizer.json; BOS/EOS come from config.json, then tokenizer_config.json, then common token names.
+
+    config.json is read as a plain dict, not as a `ModelConfig`: a tokenizer directory need not hold
+    a whole model config.
+    """
     from tokenizers import Tokenizer as HFTokenizer
 
     try:
@@ -116,11 +121,7 @@ def _special_ids(tok, ckpt_dir: Path) -> tuple[int | None, int | None]:
     ids: dict[str, int | None] = {"bos": None, "eos": None}
     config = _read_json(ckpt_dir / "config.json")
     for key in ids:
-        value = config.get(f"{key}_token_id")
-        if isinstance(value, list):
-            value = value[0] if value else None
-        if isinstance(value, int) and not isinstance(value, bool):
-            ids[key] = value
+        ids[key] = token_id(config, f"{key}_token_id")
     tok_config = _read_json(ckpt_dir / "tokenizer_config.json")
     defaults = {"bos": ("<s>", "<|endoftext|>", "<|begin_of_text|>"), "eos": ("</s>", "<|endoftext|>", "<|end_of_text|>")}
     for key in ids:

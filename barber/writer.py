@@ -1,4 +1,4 @@
-"""Writing safetensors files one tensor at a time, and the output directory layout.
+"""Writing safetensors files one tensor at a time, and other files, atomically (temporary name, fsync, rename).
 
 `write_safetensors` writes the header first (every dtype and shape is known in advance),
 then streams each tensor's bytes as it is produced, so a multi-GB shard never has to be
@@ -22,32 +22,12 @@ from typing import BinaryIO
 
 import torch
 
-from barber.errors import BarberError
-
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
+from barber.errors import OutputError
+from barber.layout import INDEX_FILE
+from barber.safetensors_format import DTYPE_NAMES
 
 WEIGHT_SUFFIXES = (".safetensors",)
 CHUNK_BYTES = 64 * 1024 * 1024
-INDEX_NAME = "model.safetensors.index.json"
-
-
-class OutputError(BarberError):
-    """The output could not be written (disk full, permissions)."""
-
-    exit_code = 5
 
 
 @dataclass(frozen=True)
@@ -70,10 +50,10 @@ def _header(specs: list[TensorSpec], metadata: dict[str, str] | None) -> bytes:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
     for spec in specs:
-        if spec.dtype not in SAFETENSORS_DTYPES:
+        if spec.dtype not in DTYPE_NAMES:
             raise ValueError(f"{spec.name}: dtype {spec.dtype} cannot be stored in safetensors")
         header[spec.name] = {
-            "dtype": SAFETENSORS_DTYPES[spec.dtype],
+            "dtype": DTYPE_NAMES[spec.dtype],
             "shape": list(spec.shape),
             "data_offsets": [offset, offset + spec.nbytes],
         }
@@ -172,7 +152,7 @@ def copy_side_files(src: Path, dst: Path, skip: Collection[str] = ()) -> list[st
     """Copy every regular non-weight file (config, tokenizer, ...) from `src` to `dst`, except `skip`."""
     copied = []
     for item in sorted(src.iterdir()):
-        if not item.is_file() or item.suffix in WEIGHT_SUFFIXES or item.name == INDEX_NAME or item.name in skip:
+        if not item.is_file() or item.suffix in WEIGHT_SUFFIXES or item.name == INDEX_FILE or item.name in skip:
             continue
         if item.name.startswith("."):
             continue

@@ -24,11 +24,12 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import barber.writer
-from barber.checkpoint import MAX_HEADER_BYTES, WORK_DIR, Checkpoint, read_safetensors_header
+from barber.checkpoint import Checkpoint
 from barber.cli import stream_main
 from barber.errors import CheckpointError
-from barber.run import REPORT_NAME
-from barber.state import STATE_NAME, load_state
+from barber.output import REPORT_FILE, STATE_FILE, WORK_DIR
+from barber.safetensors_format import MAX_HEADER_BYTES, read_safetensors_header
+from barber.state import load_state
 from helpers_models import make_tiny_checkpoint
 
 SHARD1 = "model-00001-of-00002.safetensors"
@@ -232,7 +233,7 @@ def test_required_options(capsys):
 
 def _finished(assets) -> Path:
     out = assets["root"] / "finished"
-    if not (out / REPORT_NAME).exists():
+    if not (out / REPORT_FILE).exists():
         assert stream_main(base_args(assets["ckpt"], out, assets["ids"])) == 0
     return out
 
@@ -282,7 +283,7 @@ def test_overwrite_replaces_a_finished_result(assets, capsys, tmp_path):
     rc, err = stream(capsys, base_args(assets["ckpt"], out, assets["ids"]) + ["--overwrite", "--sparsity", "0.25"])
     assert rc == 0, err
     assert not (out / "stale.txt").exists()
-    assert json.loads((out / REPORT_NAME).read_text())["settings"]["sparsity"] == 0.25
+    assert json.loads((out / REPORT_FILE).read_text())["settings"]["sparsity"] == 0.25
 
 
 # ---- a full disk ----------------------------------------------------------------------------------
@@ -310,7 +311,7 @@ DISK_FULL = {
     "first state file": (".state.safetensors", 1, None),
     "side file": (".config.json", 1, 2),
     "output shard": (f".{SHARD2}", 1, 2),
-    "report": (f".{REPORT_NAME}", 1, 2),
+    "report": (f".{REPORT_FILE}", 1, 2),
 }
 
 
@@ -318,7 +319,7 @@ DISK_FULL = {
 def test_disk_full_fails_cleanly_and_resumes(assets, capsys, tmp_path, monkeypatch, where):
     name_part, nth, saved_next = DISK_FULL[where]
     reference = snapshot(_finished(assets))
-    reference.pop(REPORT_NAME)
+    reference.pop(REPORT_FILE)
     before = snapshot(assets["ckpt"])
     out = tmp_path / "out"
     args = base_args(assets["ckpt"], out, assets["ids"])
@@ -326,11 +327,11 @@ def test_disk_full_fails_cleanly_and_resumes(assets, capsys, tmp_path, monkeypat
     rc, err = stream(capsys, args)
     assert_one_line_error(rc, err, 5, "No space left on device")
     assert "run the same command again to resume" in err
-    assert not (out / REPORT_NAME).exists(), "a failed run must never look complete"
+    assert not (out / REPORT_FILE).exists(), "a failed run must never look complete"
     with pytest.raises(CheckpointError, match="unfinished barber-stream output"):
         Checkpoint.open(out)
     assert not [p for p in out.rglob(".*.tmp")], "temporary files are removed"
-    state = out / WORK_DIR / STATE_NAME
+    state = out / WORK_DIR / STATE_FILE
     if saved_next is None:
         assert not state.exists()
     else:
@@ -339,7 +340,7 @@ def test_disk_full_fails_cleanly_and_resumes(assets, capsys, tmp_path, monkeypat
     rc, err = stream(capsys, args)
     assert rc == 0, err
     after = snapshot(out)
-    after.pop(REPORT_NAME)
+    after.pop(REPORT_FILE)
     assert after == reference
     assert snapshot(assets["ckpt"]) == before
 

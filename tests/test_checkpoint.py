@@ -11,8 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from barber.checkpoint import MAX_HEADER_BYTES, Checkpoint, read_safetensors_header
+from barber.checkpoint import Checkpoint
 from barber.errors import CheckpointError
+from barber.safetensors_format import MAX_HEADER_BYTES, read_safetensors_header
 from helpers_models import make_tiny_checkpoint
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from barber.config import ModelConfig, RopeScaling
+from barber.config import ModelConfig, RopeScaling, token_id
 from barber.errors import CheckpointError
 from barber.families import FAMILIES, family_for
 from barber.model import rotary_inv_freq
@@ -33,9 +33,8 @@ def test_transformers_4_and_5_forms_agree():
     assert c4 == c5
     assert c4.rope_theta == 500000.0
     assert c4.rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
-    assert c4.torch_dtype == "bfloat16"
     assert (c4.num_heads, c4.num_kv_heads, c4.head_dim) == (32, 8, 128)
-    assert c4.bos_token_id == 128000 and c4.eos_token_id == 128001
+    assert token_id(V4, "bos_token_id") == 128000 and token_id(V4, "eos_token_id") == 128001  # a list: the first
 
 
 def test_head_dim_explicit_or_derived():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -10,21 +11,16 @@ import torch
 
 from barber.checkpoint import Checkpoint
 from barber.cli import stream_main
-from barber.memory import (
-    BlockPrefetcher,
-    BudgetError,
-    HiddenBuffer,
-    MemoryBudget,
-    ModelShapes,
-    current_rss,
-    model_shapes,
-    parse_bytes,
-    plan_memory,
-)
+from barber.budget import MemoryBudget, ModelShapes, model_shapes, parse_bytes, plan_memory
+from barber.buffers import HiddenBuffer, Placement
+from barber.checkpoint import BlockPrefetcher
+from barber.errors import BudgetError
+from barber.sysmem import current_rss
 from barber.settings import PruneSettings
 from barber.state import Fingerprint, load_hidden, load_state, save_state
 from barber.prune import InitMethod
-from barber.run import REPORT_NAME, WORK_DIR, prune_checkpoint
+from barber.output import REPORT_FILE, WORK_DIR
+from barber.run import prune_checkpoint
 from helpers_models import make_tiny_checkpoint
 
 GiB, MiB = 2**30, 2**20
@@ -159,9 +155,9 @@ def test_float32_needs_no_float32_copies_but_larger_weights():
 def test_gpu_plan_places_hidden_states_by_both_budgets():
     on_gpu = plan(cpu=64 * GiB, gpu=80 * GiB, device="cuda")
     assert on_gpu.hidden_placement == "device" and on_gpu.estimates["peak_gpu"] <= 80 * GiB
-    pinned = plan(cpu=64 * GiB, gpu=6 * GiB, device="cuda")
-    assert pinned.hidden_placement == "pinned" and pinned.estimates["peak_gpu"] <= 6 * GiB
-    assert pinned.estimates["peak_cpu"] >= pinned.estimates["hidden_states"]
+    host = plan(cpu=64 * GiB, gpu=6 * GiB, device="cuda")
+    assert host.hidden_placement == "host" and host.estimates["peak_gpu"] <= 6 * GiB
+    assert host.estimates["peak_cpu"] >= host.estimates["hidden_states"]
     disk = plan(cpu=4 * GiB, gpu=6 * GiB, device="cuda")
     assert disk.hidden_placement == "disk" and disk.estimates["peak_cpu"] <= 4 * GiB
     with pytest.raises(BudgetError, match="GPU"):
@@ -170,9 +166,21 @@ def test_gpu_plan_places_hidden_states_by_both_budgets():
 
 def test_forced_placement_is_kept():
     assert plan(cpu=1000 * GiB, hidden="disk").hidden_placement == "disk"
-    assert plan(cpu=1000 * GiB, hidden="pinned").hidden_placement == "device"  # a CPU run has no pinned memory
+    assert plan(cpu=1000 * GiB, hidden="host").hidden_placement == "device"  # host RAM is the device on a CPU run
     with pytest.raises(ValueError, match="placement"):
         MemoryBudget(hidden="swap")
+
+
+def test_pinned_is_the_old_name_of_host(capsys):
+    """Commands, reports and states written before the rename say "pinned"; it still means host."""
+    from barber.cli import _stream_parser
+
+    assert _stream_parser().parse_args(["--hidden-states", "pinned"]).hidden_states == "host"
+    assert "deprecated" in capsys.readouterr().err
+    assert Placement("pinned") is Placement.HOST and MemoryBudget(hidden="pinned").hidden is Placement.HOST
+    assert plan(cpu=64 * GiB, gpu=6 * GiB, device="cuda", hidden="pinned").hidden_placement == "host"
+    assert HiddenBuffer(torch.zeros(1), "pinned", torch.device("cpu")).placement is Placement.HOST
+    assert json.dumps(Placement.HOST) == '"host"' and f"{Placement.DISK}" == "disk"
 
 
 def test_model_shapes_of_a_checkpoint(tmp_path):
@@ -186,12 +194,9 @@ def test_model_shapes_of_a_checkpoint(tmp_path):
 # ---- buffers and prefetch ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("placement", ["device", "pinned", "disk"])
+@pytest.mark.parametrize("placement", ["device", "host", "disk"])
 def test_hidden_buffer_round_trip(tmp_path, placement):
-    if placement == "pinned" and not torch.cuda.is_available():
-        placement_device = "cpu"
-    else:
-        placement_device = "cuda" if placement == "pinned" else "cpu"
+    placement_device = "cuda" if placement == "host" and torch.cuda.is_available() else "cpu"
     buf = HiddenBuffer.allocate((5, 3, 4), torch.bfloat16, placement, placement_device, tmp_path / "h.bin")
     data = torch.randn(5, 3, 4).to(torch.bfloat16)
     for c in (slice(0, 2), slice(2, 5)):
@@ -237,6 +242,24 @@ def test_disk_states_are_saved_and_restored_without_mapping_them_whole(tmp_path)
     with pytest.raises(RuntimeError, match="read-only"):
         back.put(slice(0, 1), torch.zeros(1, 1024, 1024))
     target.close()
+
+
+def test_a_state_with_the_old_random_state_still_loads(tmp_path):
+    """States used to carry the torch random state (tensors rng_cpu, rng_cuda); they still load, and
+    new states carry only the hidden states."""
+    from safetensors.torch import save_file
+
+    from barber.safetensors_format import read_header
+
+    hidden = HiddenBuffer(torch.arange(12.0).view(1, 3, 4), "device", torch.device("cpu"))
+    save_state(tmp_path / "new.safetensors", next_block=1, num_blocks=2, blocks=[{}], hidden=hidden,
+               fp=Fingerprint("c", "d", "s", {}))
+    header = read_header(tmp_path / "new.safetensors")
+    assert set(header.tensors) == {"hidden"}
+    save_file({"hidden": hidden.tensor, "rng_cpu": torch.get_rng_state()}, tmp_path / "old.safetensors",
+              metadata=header.metadata)
+    old = load_state(tmp_path / "old.safetensors")
+    assert old.next_block == 1 and torch.equal(load_hidden(old, "cpu").tensor, hidden.tensor)
 
 
 def test_prefetcher_reads_the_same_tensors(tmp_path):
@@ -298,7 +321,7 @@ def test_report_states_plan_peaks_and_phase_times(tmp_path):
     assert 0 < report["memory"]["peak_rss"] < 8 * GiB
     for block in report["blocks"]:
         assert {"read", "stats", "select", "gradient", "rebuild", "forward", "write"} <= set(block["seconds"])
-    assert (tmp_path / "out" / REPORT_NAME).exists()
+    assert (tmp_path / "out" / REPORT_FILE).exists()
 
 
 def test_budget_lowers_the_micro_batch_and_the_run_still_prunes(tmp_path, monkeypatch):
@@ -308,7 +331,7 @@ def test_budget_lowers_the_micro_batch_and_the_run_still_prunes(tmp_path, monkey
     roomy = plan_memory(model_shapes(ckpt), nsamples=4, seqlen=16, compute_dtype=torch.float32, device="cpu",
                         budget=MemoryBudget(cpu=64 * GiB, prefetch=False), base_rss=0)
     assert roomy.micro_batch == 4
-    from barber.memory import OVERHEAD
+    from barber.budget import OVERHEAD
 
     per_sample = OVERHEAD * roomy.estimates["activations_per_sample"]
     tight = int(roomy.estimates["peak_cpu"] - 1.5 * per_sample)  # room for 2 samples' activations, not 3 or 4
@@ -328,7 +351,7 @@ def test_cli_passes_budgets_placement_and_prefetch_through(tmp_path, capsys):
                       str(_text(tmp_path)), "--no-progress", "--max-cpu-memory", "8GiB", "--hidden-states", "disk",
                       "--no-prefetch", "--batch-size", "2"])
     assert rc == 0, capsys.readouterr().err
-    plan = json.loads((out / REPORT_NAME).read_text())["memory"]["plan"]
+    plan = json.loads((out / REPORT_FILE).read_text())["memory"]["plan"]
     assert (plan["hidden_placement"], plan["prefetch"], plan["micro_batch"]) == ("disk", False, 2)
     assert plan["cpu_budget"] == 8 * GiB
 
@@ -349,7 +372,7 @@ def test_a_state_from_elsewhere_is_adopted_into_the_planned_buffer(tmp_path):
 
     ref, ref_hidden = run_all(p := Pruner(ckpt, settings, progress=False), p.start(ids))
     start = Pruner(ckpt, settings, progress=False).start(ids)
-    state = type(start)(start.next_block, HiddenBuffer(start.hidden.tensor.clone(), "pinned", torch.device("cpu")), [])
+    state = type(start)(start.next_block, HiddenBuffer(start.hidden.tensor.clone(), "host", torch.device("cpu")), [])
     disk = Pruner(ckpt, settings, progress=False, budget=MemoryBudget(hidden="disk"), work_dir=tmp_path / "w")
     got, got_hidden = run_all(disk, state)
     assert disk.plan.hidden_placement == "disk"

@@ -1,7 +1,7 @@
 """Interrupted barber-stream runs: SIGKILL at several points, SIGINT/SIGTERM, then the same command again.
 
 Every resumed output must be byte-identical (sha256 of every file but barber_report.json) to an
-uninterrupted run. The kill points come from the BARBER_TEST_KILL_AT hook of `barber.run`; the
+uninterrupted run. The kill points come from the BARBER_TEST_KILL_AT hook of `barber.output`; the
 killed runs are subprocesses started together (their start-up dominates), the reruns run in-process,
 everything with one torch thread.
 """
@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from barber.checkpoint import WORK_DIR, Checkpoint
+from barber.checkpoint import Checkpoint
 from barber.cli import eval_main, stream_main
 from barber.errors import CheckpointError
-from barber.run import KILL_ENV, REPORT_NAME
-from barber.state import STATE_NAME, checkpoint_digest, load_state, raw_header
+from barber.output import KILL_ENV, REPORT_FILE, STATE_FILE, WORK_DIR
+from barber.safetensors_format import read_header
+from barber.state import checkpoint_digest, load_state
 from helpers_models import make_tiny_checkpoint
 
 BLOCKS = 4
@@ -62,7 +63,7 @@ def digests(out: Path) -> dict[str, str]:
     return {
         str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(out.rglob("*"))
-        if p.is_file() and p.name != REPORT_NAME
+        if p.is_file() and p.name != REPORT_FILE
     }
 
 
@@ -76,7 +77,7 @@ def run_inprocess(capsys, args: list[str]) -> tuple[int, str, str]:
 def reference(inputs):
     out = inputs["root"] / "reference"
     assert stream_main(argv(inputs, out)) == 0
-    assert (out / REPORT_NAME).is_file() and not (out / WORK_DIR).exists()
+    assert (out / REPORT_FILE).is_file() and not (out / WORK_DIR).exists()
     d = digests(out)
     assert {"config.json", "tokenizer.json", "model.safetensors.index.json"} <= set(d) and len(d) == 5
     return d
@@ -102,7 +103,7 @@ def interrupted(inputs):
 
 def assert_unfinished(out: Path, capsys) -> None:
     """A killed output is never mistaken for a result: no report, refused by Checkpoint.open and barber-eval."""
-    assert not (out / REPORT_NAME).exists()
+    assert not (out / REPORT_FILE).exists()
     with pytest.raises(CheckpointError, match="unfinished barber-stream output"):
         Checkpoint.open(out)
     text = out.parent / "eval.txt"
@@ -117,7 +118,7 @@ def test_sigkill_then_same_command_is_byte_identical(inputs, reference, interrup
     out, rc, err = interrupted[point]
     assert rc == -signal.SIGKILL, err
     assert_unfinished(out, capsys)
-    state = load_state(out / WORK_DIR / STATE_NAME)
+    state = load_state(out / WORK_DIR / STATE_FILE)
     expected_next = {"state:1": 1, "block-write:2": 2, "assemble:1": BLOCKS, "publish:2": BLOCKS}[point]
     assert state.next_block == expected_next
     if point == "block-write:2":
@@ -143,7 +144,7 @@ def test_sigterm_finishes_the_current_block_then_resumes(inputs, reference, inte
         "run the same command again to resume"
     )
     assert "Traceback" not in err
-    assert load_state(out / WORK_DIR / STATE_NAME).next_block == 2  # block 1 was finished
+    assert load_state(out / WORK_DIR / STATE_FILE).next_block == 2  # block 1 was finished
     assert_unfinished(out, capsys)
     rc, _, err = run_inprocess(capsys, argv(inputs, out))
     assert rc == 0, err
@@ -158,7 +159,7 @@ def test_sigint_in_process_stops_cleanly_and_restores_handlers(inputs, reference
     assert rc == 130
     assert err.strip().splitlines()[-1].startswith(f"error: stopped by SIGINT after block 2 of {BLOCKS}")
     assert {s: signal.getsignal(s) for s in before} == before
-    assert load_state(out / WORK_DIR / STATE_NAME).next_block == 3
+    assert load_state(out / WORK_DIR / STATE_FILE).next_block == 3
     monkeypatch.delenv(KILL_ENV)
     rc, _, err = run_inprocess(capsys, argv(inputs, out))
     assert rc == 0, err
@@ -172,7 +173,7 @@ def test_second_signal_stops_at_once(inputs, reference, capsys, monkeypatch, tmp
     assert rc == 130
     assert err.strip().splitlines()[-1].startswith("error: stopped at once by SIGINT")
     work = out / WORK_DIR
-    assert load_state(work / STATE_NAME).next_block == 1  # block 1 was abandoned
+    assert load_state(work / STATE_FILE).next_block == 1  # block 1 was abandoned
     assert not list(work.glob(".*.tmp"))  # the half-written block file was removed
     monkeypatch.delenv(KILL_ENV)
     rc, _, err = run_inprocess(capsys, argv(inputs, out))
@@ -206,7 +207,7 @@ def test_checkpoint_digest_sees_the_data_ends_and_not_the_location(inputs, tmp_p
     copy = Path(shutil.copytree(inputs["ckpt"], tmp_path / "copy"))
     assert checkpoint_digest(Checkpoint.open(copy)) == original
     shard = copy / Checkpoint.open(copy).shard_files[0]
-    start = len(raw_header(shard))
+    start = len(read_header(shard).raw)
     for offset in (start, shard.stat().st_size - 1):  # first and last data byte
         data = bytearray(shard.read_bytes())
         data[offset] ^= 0x40
@@ -219,7 +220,7 @@ def test_checkpoint_digest_sees_the_data_ends_and_not_the_location(inputs, tmp_p
 
 def test_fingerprint_mismatch_is_refused(inputs, reference, capsys, tmp_path, stopped_after_block_0):
     out = stopped_after_block_0
-    state_file = out / WORK_DIR / STATE_NAME
+    state_file = out / WORK_DIR / STATE_FILE
     saved = state_file.read_bytes()
     cases = [
         (argv(inputs, out, ids=inputs["other_ids"]), "different calibration data"),
@@ -314,11 +315,11 @@ def test_state_interval_saves_less_often_and_still_resumes(inputs, reference, ca
     rc, _, err = run_inprocess(capsys, args)
     assert rc == 5 and "No space left on device" in err
     assert (out / WORK_DIR / "block-00001.safetensors").exists()
-    assert not (out / WORK_DIR / STATE_NAME).exists(), "within the interval, no state is written"
+    assert not (out / WORK_DIR / STATE_FILE).exists(), "within the interval, no state is written"
     fail_in["name"] = ".model-00002"  # now fail while writing the output
     rc, _, err = run_inprocess(capsys, args)
     assert rc == 5
-    assert load_state(out / WORK_DIR / STATE_NAME).next_block == BLOCKS, "the last block's state is always saved"
+    assert load_state(out / WORK_DIR / STATE_FILE).next_block == BLOCKS, "the last block's state is always saved"
     monkeypatch.undo()
     rc, stdout, err = run_inprocess(capsys, args)
     assert rc == 0, err
@@ -335,27 +336,27 @@ def test_pruning_a_pruned_model_never_publishes_the_input_report(inputs, referen
     pruned = inputs["root"] / "reference"
     stage = tmp_path / "stage"
     stage.mkdir()
-    assert REPORT_NAME not in copy_side_files(pruned, stage, skip={REPORT_NAME})
+    assert REPORT_FILE not in copy_side_files(pruned, stage, skip={REPORT_FILE})
     out = tmp_path / "again"
     rc, _, err = run_inprocess(capsys, argv(inputs, out, ckpt=pruned))
     assert rc == 0, err
-    assert json.loads((out / REPORT_NAME).read_text())["input"] == str(pruned)
+    assert json.loads((out / REPORT_FILE).read_text())["input"] == str(pruned)
 
 
 def test_resume_keeps_the_micro_batch_of_the_interrupted_run(inputs, reference, capsys, monkeypatch, tmp_path):
     """The automatic micro-batch depends on the memory at start; a resume reuses the interrupted run's."""
     import json
 
-    import barber.memory
+    import barber.budget
 
     out = tmp_path / "out"
     monkeypatch.setenv(KILL_ENV, "state:1/SIGINT")
     rc, _, err = run_inprocess(capsys, argv(inputs, out))
     assert rc == 130, err
-    assert load_state(out / WORK_DIR / STATE_NAME).extra["micro_batch"] == 2
+    assert load_state(out / WORK_DIR / STATE_FILE).extra["micro_batch"] == 2
     monkeypatch.delenv(KILL_ENV)
-    monkeypatch.setitem(barber.memory.AUTO_BATCH_TOKENS, "cpu", 8)  # auto would now pick 1 sample of 8 tokens
+    monkeypatch.setitem(barber.budget.AUTO_BATCH_TOKENS, "cpu", 8)  # auto would now pick 1 sample of 8 tokens
     rc, _, err = run_inprocess(capsys, argv(inputs, out))
     assert rc == 0, err
-    assert json.loads((out / REPORT_NAME).read_text())["memory"]["plan"]["micro_batch"] == 2
+    assert json.loads((out / REPORT_FILE).read_text())["memory"]["plan"]["micro_batch"] == 2
     assert digests(out) == reference

@@ -14,7 +14,8 @@ from barber.checkpoint import Checkpoint
 from barber.evaluate import perplexity
 from barber.settings import PruneSettings
 from barber.prune import Granularity, InitMethod, Pattern
-from barber.run import REPORT_NAME, prune_checkpoint
+from barber.output import REPORT_FILE
+from barber.run import prune_checkpoint
 from helpers_models import FAMILY_NAMES, make_tiny_checkpoint
 
 NSAMPLES, SEQLEN = 4, 32
@@ -120,8 +121,8 @@ def test_same_seed_gives_byte_identical_files(tmp_path):
     src = make_tiny_checkpoint(tmp_path, "mistral", shards=2)
     run(src, tmp_path / "a", ratio=0.3)
     run(src, tmp_path / "b", ratio=0.3)
-    files = sorted(p.name for p in (tmp_path / "a").iterdir() if p.name != REPORT_NAME)
-    assert files == sorted(p.name for p in (tmp_path / "b").iterdir() if p.name != REPORT_NAME)
+    files = sorted(p.name for p in (tmp_path / "a").iterdir() if p.name != REPORT_FILE)
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir() if p.name != REPORT_FILE)
     assert "model.safetensors.index.json" in files and "tokenizer.json" in files
     for name in files:
         digest = [hashlib.sha256((tmp_path / d / name).read_bytes()).hexdigest() for d in "ab"]
@@ -141,7 +142,7 @@ def test_output_loads_in_transformers_with_the_same_perplexity(tmp_path, family)
     with torch.no_grad():
         losses = [float(model(w[None], labels=w[None]).loss) for w in ids]
     assert ours == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-4)
-    report = json.loads((tmp_path / "out" / REPORT_NAME).read_text())
+    report = json.loads((tmp_path / "out" / REPORT_FILE).read_text())
     assert report["settings"]["init"] == "wanda"
 
 

@@ -135,7 +135,9 @@ def run_stream(ckpt: Path, out: Path, calib: Path, args: argparse.Namespace, bud
     run = run_measured("stream_main", argv)
     if run.returncode != 0:
         raise SystemExit(f"barber-stream failed on {ckpt} (exit {run.returncode}):\n{run.stderr[-4000:]}")
-    report = json.loads((out / "barber_report.json").read_text())
+    from barber.layout import REPORT_FILE
+
+    report = json.loads((out / REPORT_FILE).read_text())
     shutil.rmtree(out, ignore_errors=True)  # the pruned copy is not needed; keep the disk free
     return {"report": report, "peak_rss": run.peak_rss, "wall": run.wall, "stdout": run.stdout.strip()}
 
@@ -277,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({'<=' if ratio <= 1.1 else '>'} 1.1); largest {worst / 1e9:.2f} GB")
     for r in rows:
         if r.get("gpu_budget"):
-            from barber.memory import parse_bytes
+            from barber.budget import parse_bytes
 
             limit = parse_bytes(r["gpu_budget"])
             verdicts["gpu_budget_ratio"] = (r["peak_gpu"] or 0) / limit
@@ -285,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"under --max-gpu-memory {r['gpu_budget']}: peak GPU {(r['peak_gpu'] or 0) / 2**30:.3f} GiB = "
                   f"{verdicts['gpu_budget_ratio']:.3f} x the budget")
         if r.get("budget"):
-            from barber.memory import parse_bytes
+            from barber.budget import parse_bytes
 
             limit = parse_bytes(r["budget"])
             verdicts["budget_ratio"] = r["peak_rss"] / limit

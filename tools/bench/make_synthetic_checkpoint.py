@@ -79,7 +79,7 @@ EMBED_STD = 1.0
 
 def parse_size(text: str) -> int:
     """A shard size such as 5GB, 2GiB or 500MB (barber's memory-size syntax) -> bytes."""
-    from barber.memory import parse_bytes
+    from barber.budget import parse_bytes
 
     return parse_bytes(text)
 
@@ -100,18 +100,18 @@ def synthetic_config(model: str, blocks: int, dtype: torch.dtype, vocab_size: in
 def tensor_order(ckpt_config: dict) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every tensor in save_pretrained's order: embedding, blocks, final norm, head."""
     from barber.config import ModelConfig
-    from barber.families import family_for
+    from barber.families import EMBED_KEYS, FINAL_KEYS, family_for
 
     fam = family_for(ckpt_config["model_type"])
     cfg = ModelConfig.from_dict(ckpt_config)
     glob = fam.global_tensors(cfg)
-    first = [glob[k] for k in ("embed_tokens", "embed_positions", "project_in") if k in glob]
+    first = [glob[k] for k in EMBED_KEYS if k in glob]
     blocks = [
         (fam.block_tensor_name(i, local), tuple(shape))
         for i in range(cfg.num_layers)
         for local, shape in fam.block_shapes(cfg).items()
     ]
-    last = [glob[k] for k in ("norm.weight", "norm.bias", "project_out", "lm_head") if k in glob]
+    last = [glob[k] for k in FINAL_KEYS if k in glob]
     return [(n, tuple(s)) for n, s in first] + blocks + [(n, tuple(s)) for n, s in last]
 
 
@@ -231,7 +231,7 @@ def subset_checkpoint(pool: Path, out: Path, blocks: int) -> Path:
     if index_path.exists():
         weight_map = json.loads(index_path.read_text())["weight_map"]
     else:
-        from barber.checkpoint import read_safetensors_header
+        from barber.safetensors_format import read_safetensors_header
 
         weight_map = {name: "model.safetensors" for name in read_safetensors_header(pool / "model.safetensors")}
     cfg["num_hidden_layers"] = blocks

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from barber import assets  # noqa: E402
+from barber.layout import REPORT_FILE  # noqa: E402
 
 #: name -> (barber-stream options, the original's row in peer-results.md: ppl, changed, wall s, peak GB)
 ROWS = {
@@ -63,7 +64,7 @@ def run_row(options: list[str], ckpt: Path, calib: Path, text: Path) -> dict:
         if proc.returncode != 0:
             raise SystemExit(f"barber-stream failed:\n{proc.stderr[-3000:]}")
         wall, rss_kb = timing.read_text().split()[-2:]
-        report = json.loads((out / "barber_report.json").read_text())
+        report = json.loads((out / REPORT_FILE).read_text())
     pruned = sum(
         layer["shape"][0] * layer["shape"][1] - layer["kept"] for b in report["blocks"] for layer in b["layers"].values()
     )
