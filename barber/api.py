@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
+from barber.budget import MemoryBudget
 from barber.calib import load_calibration
 from barber.checkpoint import Checkpoint
 from barber.errors import DataError, UsageError
 from barber.evaluate import PerplexityResult, perplexity
-from barber.budget import MemoryBudget
 from barber.layout import REPORT_FILE
 from barber.output import StopCheck, inspect_output
 from barber.run import prune_checkpoint

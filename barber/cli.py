@@ -112,8 +112,8 @@ def _eval_body(argv: Sequence[str] | None) -> int:
 
     import torch
 
-    from barber.checkpoint import Checkpoint
     from barber.api import read_text
+    from barber.checkpoint import Checkpoint
     from barber.evaluate import perplexity
     from barber.tokenizer import load_tokenizer
 
@@ -459,8 +459,8 @@ def _stream_body(argv: Sequence[str] | None) -> int:
     from barber import assets
     from barber.api import Evaluation, prune_and_evaluate
     from barber.checkpoint import Checkpoint
-    from barber.pipeline import Pruner
     from barber.output import inspect_output
+    from barber.pipeline import Pruner
 
     ckpt = Checkpoint.open(args.ckpt)
     inspect_output(ckpt.path, Path(args.out), overwrite=args.overwrite, resume=args.resume)  # before the slow parts

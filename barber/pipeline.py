@@ -42,15 +42,15 @@ from pathlib import Path
 import torch
 
 from barber import prune, reconstruct
-from barber.checkpoint import Checkpoint
-from barber.initial import INITIAL, Stats, collect_stats, initial_masks
 from barber.budget import MemoryBudget
 from barber.buffers import HiddenBuffer
-from barber.sysmem import peak_rss, release_free_memory
+from barber.checkpoint import Checkpoint
+from barber.initial import INITIAL, Stats, collect_stats, initial_masks
 from barber.model import Arch, Positions, SubBlock
 from barber.rebuild import gradient_pass, rebuild_subblock
 from barber.residency import HiddenStates
 from barber.settings import PruneSettings, Reconstruct
+from barber.sysmem import peak_rss, release_free_memory
 
 log = logging.getLogger(__name__)
 

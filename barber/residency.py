@@ -17,9 +17,9 @@ import torch
 from barber.budget import MemoryBudget, MemoryPlan, model_shapes, plan_memory
 from barber.buffers import HiddenBuffer, Placement
 from barber.checkpoint import BlockPrefetcher
-from barber.sysmem import current_rss, peak_rss
-from barber.settings import PruneSettings
 from barber.prune import InitMethod
+from barber.settings import PruneSettings
+from barber.sysmem import current_rss, peak_rss
 
 __all__ = ["HiddenStates"]
 

@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 
 from barber import __version__
+from barber.buffers import HiddenBuffer, Placement
 from barber.checkpoint import Checkpoint
 from barber.errors import CheckpointError, StateError
 from barber.layout import INDEX_FILE
-from barber.buffers import HiddenBuffer, Placement
 from barber.safetensors_format import TensorInfo, read_header
 from barber.writer import TensorSpec, write_safetensors
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from barber.config import token_id
 from barber.errors import CheckpointError
 
-
 #: Ids encoded beyond what `Tokenizer.encode_prefix` returns, so the cut never affects them.
 PREFIX_MARGIN = 256
 

@@ -26,7 +26,6 @@ import torch
 from barber import assets, fetch, gguf_to_hf, wikitext
 from barber.errors import DataError, FetchError
 
-
 # --------------------------------------------------------------------------- helpers
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_models import make_tiny_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -30,7 +31,6 @@ from barber.errors import CheckpointError
 from barber.output import REPORT_FILE, STATE_FILE, WORK_DIR
 from barber.safetensors_format import MAX_HEADER_BYTES, read_safetensors_header
 from barber.state import load_state
-from helpers_models import make_tiny_checkpoint
 
 SHARD1 = "model-00001-of-00002.safetensors"
 SHARD2 = "model-00002-of-00002.safetensors"

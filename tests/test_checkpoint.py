@@ -7,6 +7,7 @@ import struct
 
 import pytest
 import torch
+from helpers_models import make_tiny_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -14,7 +15,6 @@ from safetensors.torch import load_file, save_file
 from barber.checkpoint import Checkpoint
 from barber.errors import CheckpointError
 from barber.safetensors_format import MAX_HEADER_BYTES, read_safetensors_header
-from helpers_models import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

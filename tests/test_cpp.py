@@ -13,7 +13,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_models import make_tiny_checkpoint, make_tiny_model, save_checkpoint
+from test_tokenizer import real_asset
 
 from barber.checkpoint import Checkpoint
 from barber.cli import eval_main
@@ -16,8 +18,6 @@ from barber.errors import DataError
 from barber.evaluate import advance_hidden, make_windows, perplexity
 from barber.model import Arch
 from barber.peak_rss import run_measured
-from helpers_models import make_tiny_checkpoint, make_tiny_model, save_checkpoint
-from test_tokenizer import real_asset
 
 TEXT = "".join(
     f"Line {i}: the quick brown fox {i * 7 % 13} jumps over the lazy dog; ünïcödé {i % 5}.\n" for i in range(60)

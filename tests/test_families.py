@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers_models import make_tiny_model, save_checkpoint
 
 from barber.checkpoint import Checkpoint
 from barber.model import Arch
-from helpers_models import make_tiny_model, save_checkpoint
 
 pytest.importorskip("transformers")
 

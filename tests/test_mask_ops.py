@@ -14,10 +14,10 @@ import textwrap
 
 import pytest
 import torch
+from conftest import devices
 
 from barber import _native, ops
 from barber import reference as ref
-from conftest import devices
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 INF = float("inf")

@@ -8,20 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_models import make_tiny_checkpoint
 
-from barber.checkpoint import Checkpoint
-from barber.cli import stream_main
 from barber.budget import MemoryBudget, ModelShapes, model_shapes, parse_bytes, plan_memory
 from barber.buffers import HiddenBuffer, Placement
-from barber.checkpoint import BlockPrefetcher
+from barber.checkpoint import BlockPrefetcher, Checkpoint
+from barber.cli import stream_main
 from barber.errors import BudgetError
-from barber.sysmem import current_rss
+from barber.output import REPORT_FILE, WORK_DIR
+from barber.prune import InitMethod
+from barber.run import prune_checkpoint
 from barber.settings import PruneSettings
 from barber.state import Fingerprint, load_hidden, load_state, save_state
-from barber.prune import InitMethod
-from barber.output import REPORT_FILE, WORK_DIR
-from barber.run import prune_checkpoint
-from helpers_models import make_tiny_checkpoint
+from barber.sysmem import current_rss
 
 GiB, MiB = 2**30, 2**20
 

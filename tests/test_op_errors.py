@@ -14,10 +14,10 @@ from typing import Callable, NamedTuple
 
 import pytest
 import torch
+from conftest import devices, skip_or_fail
 from torch._subclasses import FakeTensorMode
 
 from barber import ops, reference
-from conftest import devices, skip_or_fail
 
 IMPLS = ("torch", "native", "fake")
 PACK24_HINT = " (float32 uses CUTLASS's 1:2 TF32 layout, which barber does not produce; cast to float16 or bfloat16)"

@@ -11,13 +11,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import devices
 from torch.sparse._semi_structured_conversions import (
     sparse_semi_structured_from_dense_cutlass,
     sparse_semi_structured_to_dense_cutlass,
 )
 
 from barber import ops
-from conftest import devices
 
 DTYPES_24 = [torch.float16, torch.bfloat16, torch.int8]
 DTYPE_IDS = {torch.float16: "f16", torch.bfloat16: "bf16", torch.int8: "i8"}

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from barber.settings import PruneSettings
 from barber.prune import Granularity, InitMethod, Metric
+from barber.settings import PruneSettings
 
 QUALITY = Path(__file__).resolve().parents[1] / "tools" / "experiments" / "quality.py"
 

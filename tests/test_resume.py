@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_models import make_tiny_checkpoint
 
 from barber.checkpoint import Checkpoint
 from barber.cli import eval_main, stream_main
@@ -26,7 +27,6 @@ from barber.errors import CheckpointError
 from barber.output import KILL_ENV, REPORT_FILE, STATE_FILE, WORK_DIR
 from barber.safetensors_format import read_header
 from barber.state import checkpoint_digest, load_state
-from helpers_models import make_tiny_checkpoint
 
 BLOCKS = 4
 #: SIGKILL points: right after block 1's state is committed; in the middle of writing block 2's file;

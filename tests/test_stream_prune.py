@@ -8,15 +8,15 @@ import math
 
 import pytest
 import torch
+from helpers_models import FAMILY_NAMES, make_tiny_checkpoint
 from safetensors import safe_open
 
 from barber.checkpoint import Checkpoint
 from barber.evaluate import perplexity
-from barber.settings import PruneSettings
-from barber.prune import Granularity, InitMethod, Pattern
 from barber.output import REPORT_FILE
+from barber.prune import Granularity, InitMethod, Pattern
 from barber.run import prune_checkpoint
-from helpers_models import FAMILY_NAMES, make_tiny_checkpoint
+from barber.settings import PruneSettings
 
 NSAMPLES, SEQLEN = 4, 32
 

@@ -7,10 +7,10 @@ import os
 import shutil
 
 import pytest
+from helpers_models import write_byte_tokenizer
 
 from barber.errors import BarberError, CheckpointError
 from barber.tokenizer import load_tokenizer
-from helpers_models import write_byte_tokenizer
 
 
 def real_asset(getter_name: str):

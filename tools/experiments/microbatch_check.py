@@ -25,9 +25,9 @@ from barber import assets  # noqa: E402
 from barber.calib import load_calibration  # noqa: E402
 from barber.checkpoint import Checkpoint  # noqa: E402
 from barber.evaluate import perplexity  # noqa: E402
-from barber.settings import PruneSettings  # noqa: E402
 from barber.prune import InitMethod  # noqa: E402
 from barber.run import prune_checkpoint  # noqa: E402
+from barber.settings import PruneSettings  # noqa: E402
 from barber.tokenizer import load_tokenizer  # noqa: E402
 
 

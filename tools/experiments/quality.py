@@ -43,9 +43,9 @@ from barber import assets  # noqa: E402
 from barber.calib import load_calibration  # noqa: E402
 from barber.checkpoint import Checkpoint  # noqa: E402
 from barber.evaluate import perplexity  # noqa: E402
-from barber.settings import PruneSettings, Reconstruct, default_rebuild  # noqa: E402
 from barber.prune import Granularity, InitMethod, Metric, Pattern  # noqa: E402
 from barber.run import prune_checkpoint  # noqa: E402
+from barber.settings import PruneSettings, Reconstruct, default_rebuild  # noqa: E402
 from barber.tokenizer import load_tokenizer  # noqa: E402
 
 PATTERNS = {"50%": Pattern(), "2:4": Pattern(2, 4), "4:8": Pattern(4, 8)}
