@@ -1,13 +1,14 @@
 """Streaming perplexity: every window's hidden state advances one block at a time.
 
-Protocol (algorithm.md Part A, "Perplexity"): the token stream is cut into non-overlapping windows of
+Protocol (docs/algorithm.md §7): the token stream is cut into non-overlapping windows of
 `seqlen` tokens (the tail remainder is dropped); each window is scored on its own (batch-1 semantics:
 windows never attend to each other); the loss of a window is the mean cross-entropy over its seqlen-1
 shifted targets; perplexity is exp of the mean of the window losses. No BOS token is prepended unless
 asked (`bos=True` puts one BOS at the start of the whole stream, as a tokenizer that adds BOS would).
 
 Memory: only one block's weights plus the hidden states [n_windows, seqlen, d] are resident, whatever
-the depth. `advance_hidden` (one block over all windows, in chunks) is shared with the pruner.
+the depth. `advance_hidden` (one block over all windows, in chunks) serves `perplexity`; the pruner has its own
+schedule (`barber.pipeline`).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """The pruning math: initial masks (magnitude, Wanda, SparseGPT) and the LLM-Barber rebuild.
 
 Pure functions on tensors: no files, no model structure, no command-line objects. The
-block loop that feeds them lives in `barber.pipeline`. Selection always goes through
+block schedule that feeds them is `barber.pipeline` (statistics and the method table in `barber.initial`). Selection always goes through
 `barber.ops` (native kernels when built), so every mask follows the total order of
-algorithm.md Part A: higher score first, ties -> lower column index first.
+docs/algorithm.md §1.1: higher score first, ties -> lower column index first.
 
-Calibration statistics are kept as sums over samples (`ActivationStats`), so that a
+Calibration statistics are kept as sums over samples (`barber.initial.Stats`), so that a
 data-parallel run can all-reduce them with SUM before they are used.
 """
 
@@ -186,7 +186,7 @@ def rebuild(
     granularity: Granularity,
     pattern: Pattern,
 ) -> dict[str, torch.Tensor]:
-    """The LLM-Barber mask rebuild of one sub-block (algorithm.md Part A, "Rebuild").
+    """The LLM-Barber mask rebuild of one sub-block (docs/algorithm.md §4.4-§4.7).
 
     Args:
         scores: name -> score [out, in] for every linear of the sub-block.

@@ -1,4 +1,4 @@
-"""Re-fitting the kept weights on the final mask (docs/algorithm.md §6, "Weight reconstruction").
+"""Re-fitting the kept weights on the final mask (docs/algorithm.md §9, "Weight reconstruction").
 
 For one linear with dense weight W_d [out, in] and kept mask M, the re-fit solves, row by row,
 

@@ -21,7 +21,7 @@ __all__ = ["PruneSettings", "Reconstruct", "SettingsError", "default_rebuild"]
 
 
 class Reconstruct(enum.Enum):
-    """How the kept weights are re-fitted on the final mask (docs/algorithm.md, "Weight reconstruction")."""
+    """How the kept weights are re-fitted on the final mask (docs/algorithm.md §9)."""
 
     NONE = "none"  # keep the values the mask was applied to (dense, or SparseGPT's updated ones)
     LAYER = "layer"  # each linear against the dense layer's output on its input from the statistics pass
@@ -29,7 +29,7 @@ class Reconstruct(enum.Enum):
 
 
 def default_rebuild(init: InitMethod, pattern: Pattern) -> tuple[float, Granularity]:
-    """The reference code's rebuild ratio and granularity for an initial method (docs/algorithm.md §B)."""
+    """The reference code's rebuild ratio and granularity for an initial method (docs/algorithm.md §4.8)."""
     if pattern.structured:
         return 0.01, Granularity.ROW
     return {

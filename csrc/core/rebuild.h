@@ -1,4 +1,4 @@
-// LLM-Barber mask rebuild of one row (shared/docs/algorithm.md Part A; reference:
+// LLM-Barber mask rebuild of one row (docs/algorithm.md §4.4 and §4.6; reference:
 // barber/reference.py rebuild_mask).
 //
 // P = the pruned entries of the row, K = the kept ones. Sort P best-first (a1, a2, ...) and

@@ -1,7 +1,7 @@
 // Unit tests of the torch-free selection core: csrc/core/order.h, topk_row.h, nm_mask.h,
 // rebuild.h. Literal hand-checked cases, exhaustive key-order checks of the 16-bit formats,
 // and random rows (with heavy ties) against brute-force sort-based implementations of the
-// spec (shared/docs/algorithm.md Part A).
+// spec (docs/algorithm.md §1.1-§1.3, §4.4, §4.6).
 #include <gtest/gtest.h>
 
 #include <algorithm>
