@@ -321,7 +321,7 @@ def build_report(
     for b in blocks:
         for phase, value in b["seconds"].items():
             seconds[phase] = seconds.get(phase, 0.0) + value
-    swaps = sum(sum(sb["swaps"].values()) for b in blocks for sb in b["subblocks"])
+    swaps = sum(sum(sb.get("swaps", {}).values()) for b in blocks for sb in b["subblocks"])
     row_ranges = [layer.get("row_sparsity", [layer["sparsity"]] * 2) for b in blocks for layer in b["layers"].values()]
     return {
         "barber_version": __version__,
