@@ -107,3 +107,32 @@ def test_settings_validate_themselves(kw, field):
         PruneSettings(**kw)
     assert info.value.field == field and info.value.exit_code == 2
     assert dataclasses.replace(PruneSettings()) == PruneSettings()
+
+
+def _stream(tmp_path, name: str, *flags: str) -> tuple[dict, bytes]:
+    import json
+
+    from barber.cli import stream_main
+
+    src = tmp_path / "src"
+    if not src.exists():
+        make_tiny_checkpoint(tmp_path, "qwen2", name="src")
+        (tmp_path / "calib.txt").write_text("pack my box with five dozen liquor jugs. " * 300)
+    out = tmp_path / name
+    args = ["--ckpt", str(src), "--out", str(out), "--calib", str(tmp_path / "calib.txt"), "--nsamples", "4",
+            "--seqlen", "16", "--batch-size", "2", "--no-progress", *flags]
+    assert stream_main(args) == 0
+    return json.loads((out / "barber_report.json").read_text()), (out / "model.safetensors").read_bytes()
+
+
+def test_cli_refit_alone_and_recipes(tmp_path):
+    """--recipe paper writes the bytes of today's explicit flags; a re-fit runs with and without the rebuild."""
+    _, paper = _stream(tmp_path, "paper", "--recipe", "paper")
+    _, explicit = _stream(tmp_path, "explicit", "--init", "wanda", "--rebuild-ratio", "0.01", "--granularity", "row",
+                          "--metric", "wg", "--reconstruct", "none")
+    assert paper == explicit
+    report, alone = _stream(tmp_path, "alone", "--no-rebuild", "--reconstruct", "layer")
+    assert report["swaps"] == 0 and report["settings"]["reconstruct"] == "layer"
+    report, refit = _stream(tmp_path, "refit", "--recipe", "refit")
+    assert report["settings"]["reconstruct"] == "subblock" and report["settings"]["rebuild"]
+    assert len({paper, alone, refit}) == 3  # (0.01 of a tiny row is no swap at all)
