@@ -296,7 +296,9 @@ def _candidates(budget: MemoryBudget, on_gpu: bool) -> list[tuple[Placement, boo
     if budget.hidden != "auto":
         placements = [Placement(budget.hidden)]
     else:
-        placements = [Placement.DEVICE, Placement.HOST, Placement.DISK] if on_gpu else [Placement.DEVICE, Placement.DISK]
+        placements = (
+            [Placement.DEVICE, Placement.HOST, Placement.DISK] if on_gpu else [Placement.DEVICE, Placement.DISK]
+        )
     if not on_gpu:  # host RAM is just RAM on a CPU run
         placements = [Placement.DEVICE if p is Placement.HOST else p for p in placements]
     prefetches = [True, False] if budget.prefetch else [False]

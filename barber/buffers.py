@@ -81,7 +81,9 @@ class HiddenBuffer:
         with open(path, "w+b") as f:
             f.truncate(max(nbytes, 1))
             mapping = mmap.mmap(f.fileno(), max(nbytes, 1))
-        flat = torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes) if nbytes else torch.empty(0, dtype=torch.uint8)
+        flat = (
+            torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes) if nbytes else torch.empty(0, dtype=torch.uint8)
+        )
         return cls(flat.view(dtype).view(shape), placement, device, path, mapping)
 
     @classmethod

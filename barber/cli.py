@@ -241,7 +241,9 @@ def _stream_parser() -> ArgumentParser:
     io = p.add_argument_group("input and output")
     io.add_argument("--ckpt", help="input checkpoint directory (config.json, safetensors, tokenizer); never written")
     io.add_argument("--out", help="output directory (must not be the input or inside it)")
-    io.add_argument("--overwrite", action="store_true", help="replace a previous barber result or interrupted run in --out")
+    io.add_argument(
+        "--overwrite", action="store_true", help="replace a previous barber result or interrupted run in --out"
+    )
     io.add_argument(
         "--state-interval",
         type=float,
@@ -263,8 +265,13 @@ def _stream_parser() -> ArgumentParser:
         "before and after on held-out Wikipedia text",
     )
     m = p.add_argument_group("pruning")
-    m.add_argument("--sparsity", type=float, default=None, help="fraction pruned per row, in [0, 1) (default 0.5; N:M implies 1-N/M)")
-    m.add_argument("--pattern", default="unstructured", help="unstructured, or N:M such as 2:4 or 4:8 (N kept of every M)")
+    m.add_argument(
+        "--sparsity", type=float, default=None,
+        help="fraction pruned per row, in [0, 1) (default 0.5; N:M implies 1-N/M)",
+    )
+    m.add_argument(
+        "--pattern", default="unstructured", help="unstructured, or N:M such as 2:4 or 4:8 (N kept of every M)"
+    )
     m.add_argument(
         "--recipe",
         choices=sorted(RECIPES),
@@ -295,7 +302,9 @@ def _stream_parser() -> ArgumentParser:
         "column), layer (per matrix) or block (per sub-block); rows may drift from the target sparsity with the "
         "last three (default: wanda and N:M row, magnitude block, sparsegpt layer)",
     )
-    m.add_argument("--metric", choices=[e.value for e in Metric], default="wg", help="rebuild score: |W|*sqrt(A), |W| or sqrt(A)")
+    m.add_argument(
+        "--metric", choices=[e.value for e in Metric], default="wg", help="rebuild score: |W|*sqrt(A), |W| or sqrt(A)"
+    )
     m.add_argument(
         "--retain-reconstruction",
         action="store_true",
@@ -325,7 +334,9 @@ def _stream_parser() -> ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="seed of the window sampling")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="cpu", help="cpu or cuda")
-    r.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of forwards and hidden states (gradients are float32)")
+    r.add_argument(
+        "--dtype", choices=DTYPES, default="float32", help="dtype of forwards and hidden states (gradients are float32)"
+    )
     r.add_argument(
         "--batch-size", type=int, default=0,
         help="windows per forward/backward call; 0 = automatic (about 4096 tokens on a CPU, 8192 on a GPU, "
@@ -340,7 +351,8 @@ def _stream_parser() -> ArgumentParser:
                    "on a GPU run), or in a file under --out/.barber-work; auto = the first that fits the budgets")
     r.add_argument("--no-prefetch", action="store_true", help="do not read the next block while this one computes")
     r.add_argument("--allow-tf32", action="store_true",
-                   help="let float32 matmuls on a GPU use TF32 (faster; gradients, hence a few mask entries, may change)")
+                   help="let float32 matmuls on a GPU use TF32 "
+                        "(faster; gradients, hence a few mask entries, may change)")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval", default=None, metavar="TEXT", help="measure the perplexity of the result on this text")
     e.add_argument("--eval-windows", type=int, default=None, help="evaluate at most N windows")

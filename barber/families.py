@@ -1,8 +1,8 @@
 """Model families as data: tensor names and block structure of llama, mistral, qwen2 and opt.
 
 A `FamilySpec` says where each tensor lives in a Hugging Face checkpoint and how a block is wired
-(norm kind, gated or fc MLP (a gate linear or none), rotary or learned positions, which linears form the attention and the
-MLP sub-blocks). `barber.model` turns it into math; `barber.checkpoint` uses it to find and check
+(norm kind, gated or fc MLP (a gate linear or none), rotary or learned positions, which linears form the
+attention and the MLP sub-blocks). `barber.model` turns it into math; `barber.checkpoint` uses it to find and check
 tensors. Adding a family is adding a table entry, not a module.
 
 Block-local names are the names inside one block, e.g. ``self_attn.q_proj.weight``; the full name

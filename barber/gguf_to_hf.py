@@ -162,7 +162,10 @@ def gguf_tokenizer(reader):
         spelled = tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8"))
         vocab[spelled] = i
     tk = Tokenizer(
-        BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False)
+        BPE(
+            vocab=vocab, merges=merges, dropout=None,
+            continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
+        )
     )
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()

@@ -85,7 +85,9 @@ def _sparsegpt(weight: Tensors, stats: Stats, s: PruneSettings) -> tuple[Tensors
 
 
 #: method -> (needs calibration statistics, needs X^T X, selection).
-INITIAL: dict[InitMethod, tuple[bool, bool, Callable[[Tensors, Stats | None, PruneSettings], tuple[Tensors, Tensors]]]] = {
+INITIAL: dict[
+    InitMethod, tuple[bool, bool, Callable[[Tensors, Stats | None, PruneSettings], tuple[Tensors, Tensors]]]
+] = {
     InitMethod.MAGNITUDE: (False, False, _magnitude),
     InitMethod.WANDA: (True, False, _wanda),
     InitMethod.SPARSEGPT: (True, True, _sparsegpt),

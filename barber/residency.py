@@ -100,8 +100,11 @@ class HiddenStates:
         if hidden is self.trajectory:
             return hidden
         s, t = self.settings, hidden.tensor
-        if self.plan.hidden_placement is Placement.DEVICE and hidden.placement is Placement.DEVICE and _on(t, s.device) and (
-            t.dtype == s.dtype
+        if (
+            self.plan.hidden_placement is Placement.DEVICE
+            and hidden.placement is Placement.DEVICE
+            and _on(t, s.device)
+            and t.dtype == s.dtype
         ):
             self.trajectory = HiddenBuffer(t, Placement.DEVICE, torch.device(s.device))
         else:

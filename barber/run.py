@@ -328,7 +328,9 @@ def build_report(
         "input": str(ckpt.path),
         "family": ckpt.family.name,
         "settings": settings.describe(),
-        "calibration": {"nsamples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]), **extra.pop("calibration", {})},
+        "calibration": {
+            "nsamples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]), **extra.pop("calibration", {})
+        },
         "sparsity": 1 - kept / numel if numel else 0.0,
         "row_sparsity": [min(r[0] for r in row_ranges), max(r[1] for r in row_ranges)] if row_ranges else [0.0, 0.0],
         "swaps": swaps,

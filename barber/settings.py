@@ -64,7 +64,8 @@ class PruneSettings:
     allow_tf32: bool = False  # let float32 matmuls on a GPU use TF32 (see barber.pipeline)
     reconstruct: Reconstruct = Reconstruct.NONE
     reconstruct_damp: float = 0.01  # ridge towards the dense weights, times the mean diagonal of X^T X
-    reconstruct_iters: int = 16  # conjugate-gradient iterations per linear (at most; see tools/experiments/refit_solvers.py)
+    # conjugate-gradient iterations per linear (at most; see tools/experiments/refit_solvers.py)
+    reconstruct_iters: int = 16
 
     def __post_init__(self) -> None:
         if not (0 <= self.sparsity < 1):  # also false for NaN
@@ -76,7 +77,9 @@ class PruneSettings:
                     "sparsity", f"{self.sparsity} contradicts pattern {self.pattern} (which prunes {implied:g})"
                 )
             if self.granularity is not Granularity.ROW:
-                raise SettingsError("granularity", f"must be row for pattern {self.pattern}, got {self.granularity.value}")
+                raise SettingsError(
+                    "granularity", f"must be row for pattern {self.pattern}, got {self.granularity.value}"
+                )
         if not (0 <= self.ratio <= 1):
             raise SettingsError("ratio", f"must be in [0, 1], got {self.ratio}")
         if self.batch_size < 0:

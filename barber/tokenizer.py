@@ -122,7 +122,10 @@ def _special_ids(tok, ckpt_dir: Path) -> tuple[int | None, int | None]:
     for key in ids:
         ids[key] = token_id(config, f"{key}_token_id")
     tok_config = _read_json(ckpt_dir / "tokenizer_config.json")
-    defaults = {"bos": ("<s>", "<|endoftext|>", "<|begin_of_text|>"), "eos": ("</s>", "<|endoftext|>", "<|end_of_text|>")}
+    defaults = {
+        "bos": ("<s>", "<|endoftext|>", "<|begin_of_text|>"),
+        "eos": ("</s>", "<|endoftext|>", "<|end_of_text|>"),
+    }
     for key in ids:
         if ids[key] is not None:
             continue

@@ -48,7 +48,9 @@ def is_article(title: str, ns: str, redirect: bool, text: str) -> bool:
         return False
     if re.match(r"\s*#redirect", text, re.IGNORECASE):
         return False
-    return not re.match(r"^(Wikipedia|WP|Help|Template|Category|File|Image|Portal|Talk|User|MediaWiki|Module|Draft):", title)
+    return not re.match(
+        r"^(Wikipedia|WP|Help|Template|Category|File|Image|Portal|Talk|User|MediaWiki|Module|Draft):", title
+    )
 
 
 def _drop_link(title: str) -> bool:

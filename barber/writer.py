@@ -118,7 +118,11 @@ def write_safetensors(path: Path, specs: list[TensorSpec], metadata: dict[str, s
             pieces = [produced] if isinstance(produced, torch.Tensor) else produced
             rows = 0
             for piece in pieces:
-                if piece.dtype != spec.dtype or tuple(piece.shape[1:]) != spec.shape[1:] or piece.dim() != len(spec.shape):
+                if (
+                    piece.dtype != spec.dtype
+                    or tuple(piece.shape[1:]) != spec.shape[1:]
+                    or piece.dim() != len(spec.shape)
+                ):
                     raise ValueError(
                         f"{spec.name}: produced {piece.dtype} {list(piece.shape)}, "
                         f"announced {spec.dtype} {list(spec.shape)}"

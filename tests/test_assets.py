@@ -202,7 +202,9 @@ def test_strip_wikitext_and_article_filter():
     assert "Alpha is a letter used in mathematics." in text
     assert "== History ==" in text and "=== Modern use ===" in text
     assert "A list item with a link." in text
-    for junk in ("{{", "}}", "[[", "]]", "<ref", "Infobox", "cite book", "cell one", "thumb", "Category", "de:", "'''", "comment"):
+    for junk in (
+        "{{", "}}", "[[", "]]", "<ref", "Infobox", "cite book", "cell one", "thumb", "Category", "de:", "'''", "comment"
+    ):
         assert junk not in text, junk
 
 

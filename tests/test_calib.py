@@ -48,7 +48,8 @@ def test_gzip_and_jsonl_documents(tmp_path):
 
 
 def test_sampling_matches_reference_rule():
-    """The reference pruners: random.seed(seed); doc = randint(0, D-1) until long enough; start = randint(0, L-seqlen-1)."""
+    """The reference pruners: random.seed(seed); doc = randint(0, D-1) until long enough;
+    start = randint(0, L-seqlen-1)."""
     import random
 
     docs = [TEXT[:50], TEXT[:500], TEXT[100:900]]

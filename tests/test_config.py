@@ -83,7 +83,9 @@ def test_opt_fields():
     assert cfg.tie_word_embeddings and cfg.attention_bias and cfg.rope_theta is None
     pre = ModelConfig.from_dict(d | {"do_layer_norm_before": True})
     assert pre.final_layer_norm
-    assert not ModelConfig.from_dict(d | {"do_layer_norm_before": True, "_remove_final_layer_norm": True}).final_layer_norm
+    assert not ModelConfig.from_dict(
+        d | {"do_layer_norm_before": True, "_remove_final_layer_norm": True}
+    ).final_layer_norm
 
 
 def test_from_file_errors(tmp_path):
@@ -97,7 +99,9 @@ def test_from_file_errors(tmp_path):
 
 
 def test_unsupported_model_type_lists_supported():
-    with pytest.raises(CheckpointError, match=r"unsupported model_type 'gpt2' \(supported: llama, mistral, opt, qwen2\)"):
+    with pytest.raises(
+        CheckpointError, match=r"unsupported model_type 'gpt2' \(supported: llama, mistral, opt, qwen2\)"
+    ):
         family_for("gpt2")
     assert set(FAMILIES) == {"llama", "mistral", "qwen2", "opt"}
 

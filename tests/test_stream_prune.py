@@ -165,7 +165,10 @@ def test_batched_per_sample_gradients_match_autograd(tmp_path, kind):
     per_sample_grad_sq(core, x, target, w, pos, names, got)
     expected = {n: torch.zeros_like(w[n + ".weight"]) for n in names}
     for b in range(3):
-        leaves = {k: v.detach().clone().requires_grad_(k.rsplit(".", 1)[0] in names and k.endswith("weight")) for k, v in w.items()}
+        leaves = {
+            k: v.detach().clone().requires_grad_(k.rsplit(".", 1)[0] in names and k.endswith("weight"))
+            for k, v in w.items()
+        }
         loss = torch.nn.functional.mse_loss(core(x[b : b + 1], leaves, pos), target[b : b + 1])
         grads = torch.autograd.grad(loss, [leaves[n + ".weight"] for n in names])
         for n, g in zip(names, grads):

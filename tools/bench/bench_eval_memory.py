@@ -3,8 +3,8 @@
 
 Writes a random-weight checkpoint (tools/bench/make_synthetic_checkpoint.py: hidden 5120, intermediate 13824,
 40 heads; bfloat16 storage, ~0.63 GB per block, SmolLM2's tokenizer) into a scratch directory, builds one
-checkpoint directory per depth that links to its shard files, runs `barber-eval` on each in a fresh interpreter and prints its peak RSS
-(VmHWM of the child) and wall time. The scratch directory is deleted afterwards unless --keep.
+checkpoint directory per depth that links to its shard files, runs `barber-eval` on each in a fresh interpreter and
+prints its peak RSS (VmHWM of the child) and wall time. The scratch directory is deleted afterwards unless --keep.
 
 Acceptance (issue #3): peak RSS for 8 blocks <= 1.1x that for 2 blocks, and under 4 GB.
 

@@ -248,9 +248,13 @@ def main(argv: list[str] | None = None) -> int:
             row = summarise(run, cfg, args, mm)
             row["budget"], row["gpu_budget"] = budget, gpu_budget
             rows.append(row)
-            under = f" under --max-cpu-memory {budget}" if budget else f" under --max-gpu-memory {gpu_budget}" if gpu_budget else ""
+            under = (
+                f" under --max-cpu-memory {budget}" if budget
+                else f" under --max-gpu-memory {gpu_budget}" if gpu_budget else ""
+            )
             print(f"  {depth} blocks{under}: peak RSS {row['peak_rss'] / 2**30:.3f} GiB, "
-                  f"{row['per_block_seconds']['total']:.1f} s/block, {row['wall']:.0f} s  [{row['summary']}]", flush=True)
+                  f"{row['per_block_seconds']['total']:.1f} s/block, {row['wall']:.0f} s  [{row['summary']}]",
+                  flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -254,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocks", type=int, default=2, help="transformer blocks (num_hidden_layers)")
     p.add_argument("--out", required=True, help="output directory (must be empty or absent)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16", help="storage dtype")
-    p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"), help="largest shard, e.g. 5GB or 2GiB")
+    p.add_argument(
+        "--max-shard-size", type=parse_size, default=parse_size("5GB"), help="largest shard, e.g. 5GB or 2GiB"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int, default=None, help="embedding rows (default: max(preset, tokenizer))")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")

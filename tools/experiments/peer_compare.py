@@ -66,7 +66,9 @@ def run_row(options: list[str], ckpt: Path, calib: Path, text: Path) -> dict:
         wall, rss_kb = timing.read_text().split()[-2:]
         report = json.loads((out / REPORT_FILE).read_text())
     pruned = sum(
-        layer["shape"][0] * layer["shape"][1] - layer["kept"] for b in report["blocks"] for layer in b["layers"].values()
+        layer["shape"][0] * layer["shape"][1] - layer["kept"]
+        for b in report["blocks"]
+        for layer in b["layers"].values()
     )
     by_layer: dict[str, int] = {}
     for b in report["blocks"]:
@@ -106,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         r = results[name]
         # Each swap changes two mask positions; the original's column counts changed positions.
-        mine = "-" if "rebuild" not in name else f"{r['swaps']} swaps ({200 * r['changed_of_pruned']:.2f}% of pruned changed)"
+        mine = (
+            "-" if "rebuild" not in name
+            else f"{r['swaps']} swaps ({200 * r['changed_of_pruned']:.2f}% of pruned changed)"
+        )
         print(f"| {name} | {r['ppl']:.2f} | {mine} | {r['wall_s']:.0f} | {r['peak_rss_gb']:.2f} "
               f"| {ppl} | {changed} | {wall} | {rss} |")
     return 0

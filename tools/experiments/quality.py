@@ -286,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
     args = p.parse_args(argv)
-    stem = "runs/quality" if (args.set, args.protocol) == ("main", "botchan") else f"runs/quality-{args.set}-{args.protocol}"
+    stem = (
+        "runs/quality" if (args.set, args.protocol) == ("main", "botchan")
+        else f"runs/quality-{args.set}-{args.protocol}"
+    )
     args.json, args.markdown = args.json or stem + ".json", args.markdown or stem + ".md"
 
     ckpt_dir = Path(args.ckpt) if args.ckpt else assets.smollm2_dir()
