@@ -339,7 +339,7 @@ def _stream_parser() -> ArgumentParser:
     )
     r.add_argument(
         "--batch-size", type=int, default=0,
-        help="windows per forward/backward call; 0 = automatic (about 4096 tokens on a CPU, 8192 on a GPU, "
+        help="windows per forward/backward call; 0 = automatic (about 1024 tokens on a CPU, 8192 on a GPU, "
         "lowered to fit the memory budget)",
     )
     r.add_argument("--max-cpu-memory", type=_size_arg, default=None, metavar="SIZE",

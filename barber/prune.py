@@ -1,9 +1,9 @@
 """The pruning math: initial masks (magnitude, Wanda, SparseGPT) and the LLM-Barber rebuild.
 
-Pure functions on tensors: no files, no model structure, no command-line objects. The
-block schedule that feeds them is `barber.pipeline` (statistics and the method table in `barber.initial`). Selection always goes through
-`barber.ops` (native kernels when built), so every mask follows the total order of
-docs/algorithm.md §1.1: higher score first, ties -> lower column index first.
+Pure functions on tensors: no files, no model structure, no command-line objects. The block
+schedule that feeds them is `barber.pipeline` (statistics and the method table in `barber.initial`).
+Selection always goes through `barber.ops` (native kernels when built), so every mask follows the
+total order of docs/algorithm.md §1.1: higher score first, ties -> lower column index first.
 
 Calibration statistics are kept as sums over samples (`barber.initial.Stats`), so that a
 data-parallel run can all-reduce them with SUM before they are used.
