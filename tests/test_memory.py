@@ -172,7 +172,7 @@ def test_forced_placement_is_kept():
 
 def test_pinned_is_the_old_name_of_host(capsys):
     """Commands, reports and states written before the rename say "pinned"; it still means host."""
-    from barber.cli import _stream_parser
+    from barber.options import stream_parser as _stream_parser
 
     assert _stream_parser().parse_args(["--hidden-states", "pinned"]).hidden_states == "host"
     assert "deprecated" in capsys.readouterr().err
