@@ -5,7 +5,7 @@ The command line (`barber-stream`) and every tool call this, so what a run does 
     from barber import PruneSettings, prune_and_evaluate
     report = prune_and_evaluate("ckpt", "out", PruneSettings(), calib="botchan.txt", nsamples=32, seqlen=256,
                                 eval_text="wiki.txt", eval_windows=16, eval_seqlen=512)
-    report["eval"]["pruned"]["ppl"]
+    report.eval["pruned"]["ppl"]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from barber.errors import DataError, UsageError
 from barber.evaluate import PerplexityResult, perplexity
 from barber.layout import REPORT_FILE
 from barber.output import StopCheck, inspect_output
+from barber.report import RunReport
 from barber.run import prune_checkpoint
 from barber.settings import PruneSettings
 from barber.tokenizer import load_tokenizer
@@ -79,7 +80,7 @@ def prune_and_evaluate(
     should_stop: StopCheck | None = None,
     state_interval: float = 0.0,
     say: Callable[[str], None] | None = None,
-) -> dict:
+) -> RunReport:
     """Prune `ckpt` into `out` with `settings`, calibrated on `calib`; optionally measure perplexity.
 
     Args:
@@ -91,7 +92,7 @@ def prune_and_evaluate(
         say: receives one line per result as it is known (the CLI prints them).
 
     Returns:
-        The run report (as written to `out/barber_report.json`).
+        The run report (`RunReport.to_json()` is what `out/barber_report.json` holds).
 
     Raises:
         BarberError subclasses, each a one-line message (see `barber.errors`).
@@ -122,8 +123,8 @@ def prune_and_evaluate(
         say(summary(ckpt.num_layers, settings, report, out))
     if evaluation is not None:
         result = measure(Checkpoint.open(out))
-        report["eval"] = {"pruned": result.to_dict(), "dense": dense.to_dict() if dense else None}
-        write_json_atomic(out / REPORT_FILE, report)
+        report.eval = {"pruned": result.to_dict(), "dense": dense.to_dict() if dense else None}
+        write_json_atomic(out / REPORT_FILE, report.to_json())
         if say:
             say(f"pruned perplexity {result.ppl:.4f} ({_windows(result)} of {evaluation.text})")
     return report
@@ -152,20 +153,20 @@ def _windows(result: PerplexityResult) -> str:
     return f"{result.n_windows} windows of {result.tokens // result.n_windows + 1} tokens"
 
 
-def summary(blocks: int, settings: PruneSettings, report: dict, out: Path) -> str:
+def summary(blocks: int, settings: PruneSettings, report: RunReport, out: Path) -> str:
     """One line saying what the run did."""
     method = f"{settings.pattern}, {settings.init.value}"
     if settings.rebuild:
-        method += f" + rebuild ({settings.granularity.value}, alpha {settings.ratio:g}): {report['swaps']} swaps"
+        method += f" + rebuild ({settings.granularity.value}, alpha {settings.ratio:g}): {report.swaps} swaps"
     else:
         method += ", no rebuild"
     if settings.reconstruct.value != "none":
         method += f", {settings.reconstruct.value} re-fit"
-    resumed = f" (resumed at block {report['resumed_at_block']})" if report.get("resumed_at_block") else ""
-    lo, hi = report.get("row_sparsity", [report["sparsity"]] * 2)
+    resumed = f" (resumed at block {report.resumed_at_block})" if report.resumed_at_block else ""
+    lo, hi = report.row_sparsity
     rows = f", rows {lo:.4f} to {hi:.4f}" if hi - lo > 1e-12 else ""
     return (
-        f"pruned {blocks} blocks{resumed} to sparsity {report['sparsity']:.4f}{rows} ({method}) "
-        f"in {report['seconds']['total']:.1f} s, "
-        f"peak RSS {report['peak_rss'] / 2**30:.2f} GiB -> {out}"
+        f"pruned {blocks} blocks{resumed} to sparsity {report.sparsity:.4f}{rows} ({method}) "
+        f"in {report.seconds['total']:.1f} s, "
+        f"peak RSS {report.peak_rss / 2**30:.2f} GiB -> {out}"
     )

@@ -48,6 +48,7 @@ from barber.checkpoint import Checkpoint
 from barber.initial import INITIAL, Stats, collect_stats, initial_masks
 from barber.model import Arch, Positions, SubBlock
 from barber.rebuild import gradient_pass, rebuild_subblock
+from barber.report import BlockReport, LayerStats, SubblockReport
 from barber.residency import HiddenStates
 from barber.settings import PruneSettings, Reconstruct
 from barber.sysmem import peak_rss, release_free_memory
@@ -66,7 +67,7 @@ class BlockState:
 
     next_block: int
     hidden: HiddenBuffer  # [N, T, d], sparse trajectory entering block `next_block`
-    blocks: list[dict] = field(default_factory=list)  # per-block reports so far
+    blocks: list[BlockReport] = field(default_factory=list)  # per-block reports so far
 
 
 @contextlib.contextmanager
@@ -93,17 +94,13 @@ def _matmul_precision(device: str, allow_tf32: bool) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def _mask_stats(mask: torch.Tensor) -> dict:
+def _mask_stats(mask: torch.Tensor) -> LayerStats:
     """A kept mask's report entry: shape, kept count, sparsity, and the least and most sparse row
     (equal after a row rebuild; column, layer and block rebuilds keep only their group's count)."""
     rows, cols = mask.shape
     per_row = mask.sum(dim=1)
-    return {
-        "shape": [rows, cols],
-        "kept": int(per_row.sum()),
-        "sparsity": 1 - mask.float().mean().item(),
-        "row_sparsity": [1 - int(per_row.max()) / cols, 1 - int(per_row.min()) / cols],
-    }
+    row_sparsity = (1 - int(per_row.max()) / cols, 1 - int(per_row.min()) / cols)
+    return LayerStats((rows, cols), int(per_row.sum()), 1 - mask.float().mean().item(), row_sparsity)
 
 
 class Pruner:
@@ -187,7 +184,9 @@ class Pruner:
             self.close()  # a disk buffer's file goes; its mapping stays valid while `hidden` lives
         return BlockState(i + 1, hidden, state.blocks + [report])
 
-    def _prune_block(self, i: int, dense: Tensors, pos: Positions, write: Writer, times: dict[str, float]) -> dict:
+    def _prune_block(
+        self, i: int, dense: Tensors, pos: Positions, write: Writer, times: dict[str, float]
+    ) -> BlockReport:
         """Statistics, initial masks, then per sub-block rebuild, re-fit and advance; write: block i's report."""
         s, states = self.settings, self.states
         needs_stats, needs_xtx, _ = INITIAL[s.init]
@@ -210,10 +209,8 @@ class Pruner:
         with phase(times, "write"):
             write(i, {n: weights[n + ".weight"] for n in self.linears})
         layers = {n: _mask_stats(masks[n]) for n in self.linears}
-        report = {"block": i, "layers": layers, "subblocks": subblocks, "seconds": times, "peak_rss": peak_rss()}
-        if torch.device(s.device).type == "cuda":
-            report["peak_gpu"] = torch.cuda.max_memory_allocated()
-        return report
+        peak_gpu = torch.cuda.max_memory_allocated() if torch.device(s.device).type == "cuda" else None
+        return BlockReport(i, layers, subblocks, times, peak_rss(), peak_gpu)
 
     def _subblock(
         self,
@@ -225,25 +222,25 @@ class Pruner:
         stats: Stats | None,
         pos: Positions,
         times: dict[str, float],
-    ) -> dict:
+    ) -> SubblockReport:
         """Rebuild, re-fit and advance one sub-block (`weights`, `masks` in place): its report."""
         s, states = self.settings, self.states
-        report: dict = {"subblock": sub.kind}
+        loss_before, swaps, refit = None, {}, None
         if s.rebuild:
             with phase(times, "gradient"):
-                grad_sq, report["loss_before"] = gradient_pass(sub, dense, weights, states, pos, self.progress)
+                grad_sq, loss_before = gradient_pass(sub, dense, weights, states, pos, self.progress)
             with phase(times, "rebuild"):
                 n = states.trajectory.shape[0]
-                report["swaps"] = rebuild_subblock(sub, dense, init_weights, weights, masks, grad_sq, n, s)
+                swaps = rebuild_subblock(sub, dense, init_weights, weights, masks, grad_sq, n, s)
         if s.reconstruct is not Reconstruct.NONE:
             with phase(times, "reconstruct"):
-                report["reconstruct"] = reconstruct.refit_subblock(sub, dense, weights, masks, stats, states, pos)
+                refit = reconstruct.refit_subblock(sub, dense, weights, masks, stats, states, pos)
         with phase(times, "forward"):
-            report["loss_after"] = self._advance(sub, weights, None if s.rebuild else dense, pos)
+            loss_after = self._advance(sub, weights, None if s.rebuild else dense, pos)
         for n in sub.names:  # past its sub-block, a linear needs only its pruned weights and mask
             dense.pop(n + ".weight")
             init_weights.pop(n)
-        return report
+        return SubblockReport(sub.kind, loss_after, loss_before, swaps, refit)
 
     def _advance(self, sub: SubBlock, weights: Tensors, dense: Tensors | None, pos: Positions) -> float:
         """h <- the sparse sub-block's output; returns its mean squared error against the dense sub-block

@@ -44,6 +44,7 @@ from barber.output import (
     remove_temporaries,
 )
 from barber.pipeline import BlockState, Pruner
+from barber.report import BlockReport, RunReport
 from barber.settings import PruneSettings
 from barber.state import Fingerprint, SavedState, fingerprint, load_hidden, load_state, save_state
 from barber.writer import copy_side_files, fsync_dir, write_json_atomic
@@ -103,8 +104,8 @@ def prune_checkpoint(
     should_stop: StopCheck | None = None,
     budget: MemoryBudget | None = None,
     state_interval: float = 0.0,
-) -> dict:
-    """Prune `ckpt` into `out_dir`, block by block, and return the report (also written there).
+) -> RunReport:
+    """Prune `ckpt` into `out_dir`, block by block, and return the report (also written there, as JSON).
 
     The keyword options are those of `RunOptions`; `extra_report` is merged into the report.
     `budget` bounds memory (`barber.budget`; default automatic); the report's `memory` holds the plan and peaks.
@@ -132,7 +133,7 @@ def prune_checkpoint(
             result = _run(ckpt, out_dir, work, settings, calib_ids, fp, saved, opts)
             report = build_report(ckpt, settings, result.blocks, calib_ids, dict(extra_report or {}))
             _add_run_facts(report, result, settings, time.perf_counter() - started)
-            write_json_atomic(out_dir / REPORT_FILE, report)  # the completion marker
+            write_json_atomic(out_dir / REPORT_FILE, report.to_json())  # the completion marker
             fsync_dir(out_dir)
         except OutputError as exc:
             raise OutputError(f"{exc} (finished blocks are kept: fix this and {RESUME_HINT})") from None
@@ -164,25 +165,22 @@ def _prepare(
     return work, fp, saved
 
 
-def _add_run_facts(report: dict, result: RunResult, settings: PruneSettings, total_seconds: float) -> None:
-    """Put what only the whole run knows into `report`: phase times, output bytes, memory, resume point."""
-    report["seconds"]["embed"] = result.embed_seconds
-    report["seconds"]["assemble"] = result.assemble_seconds
-    report["seconds"]["save_state"] = result.save_state_seconds
-    report["seconds"]["total"] = total_seconds
-    report["output_bytes"] = result.output_bytes
-    report["memory"] = result.memory
-    if result.resumed_at:
-        report["resumed_at_block"] = result.resumed_at
+def _add_run_facts(report: RunReport, result: RunResult, settings: PruneSettings, total_seconds: float) -> None:
+    """Put what only the whole run knows into `report`: run-level times, output bytes, memory, resume point."""
+    report.seconds.update(embed=result.embed_seconds, assemble=result.assemble_seconds,
+                          save_state=result.save_state_seconds, total=total_seconds)
+    report.output_bytes = result.output_bytes
+    report.memory = result.memory
+    report.resumed_at_block = result.resumed_at
     if settings.device.startswith("cuda"):
-        report["peak_gpu_memory"] = torch.cuda.max_memory_allocated()
+        report.peak_gpu_memory = torch.cuda.max_memory_allocated()
 
 
 @dataclass
 class RunResult:
     """What the loop and assembly hand to the report."""
 
-    blocks: list[dict]
+    blocks: list[BlockReport]
     output_bytes: int
     embed_seconds: float
     assemble_seconds: float
@@ -291,10 +289,10 @@ def _run(
 
     layer_info = {}
     for block in state.blocks:
-        for local, info in block["layers"].items():
-            layer_info[ckpt.block_tensor_name(block["block"], local + ".weight")] = {
+        for local, info in block.layers.items():
+            layer_info[ckpt.block_tensor_name(block.block, local + ".weight")] = {
                 "pattern": str(settings.pattern),
-                "sparsity": info["sparsity"],
+                "sparsity": info.sparsity,
             }
     t0 = time.perf_counter()
     stage = work / STAGE_DIR
@@ -312,30 +310,10 @@ def _run(
 
 
 def build_report(
-    ckpt: Checkpoint, settings: PruneSettings, blocks: list[dict], calib_ids: torch.Tensor, extra: dict
-) -> dict:
-    """The run report: settings, per-layer sparsity, per-sub-block losses and swaps, times, memory."""
-    kept = sum(layer["kept"] for b in blocks for layer in b["layers"].values())
-    numel = sum(layer["shape"][0] * layer["shape"][1] for b in blocks for layer in b["layers"].values())
-    seconds: dict[str, float] = {}
-    for b in blocks:
-        for phase, value in b["seconds"].items():
-            seconds[phase] = seconds.get(phase, 0.0) + value
-    swaps = sum(sum(sb.get("swaps", {}).values()) for b in blocks for sb in b["subblocks"])
-    row_ranges = [layer.get("row_sparsity", [layer["sparsity"]] * 2) for b in blocks for layer in b["layers"].values()]
-    return {
-        "barber_version": __version__,
-        "input": str(ckpt.path),
-        "family": ckpt.family.name,
-        "settings": settings.describe(),
-        "calibration": {
-            "nsamples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]), **extra.pop("calibration", {})
-        },
-        "sparsity": 1 - kept / numel if numel else 0.0,
-        "row_sparsity": [min(r[0] for r in row_ranges), max(r[1] for r in row_ranges)] if row_ranges else [0.0, 0.0],
-        "swaps": swaps,
-        "blocks": blocks,
-        "seconds": seconds,
-        "peak_rss": max((b["peak_rss"] for b in blocks), default=0),
-        **extra,
-    }
+    ckpt: Checkpoint, settings: PruneSettings, blocks: list[BlockReport], calib_ids: torch.Tensor, extra: dict
+) -> RunReport:
+    """The run report: settings, the blocks' reports (whose totals it derives), and `extra` at the top level."""
+    nsamples, seqlen = int(calib_ids.shape[0]), int(calib_ids.shape[1])
+    calibration = {"nsamples": nsamples, "seqlen": seqlen, **extra.pop("calibration", {})}
+    return RunReport(str(ckpt.path), ckpt.family.name, settings.describe(), calibration, blocks, __version__,
+                     extra=extra)

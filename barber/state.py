@@ -35,6 +35,7 @@ from barber.buffers import HiddenBuffer, Placement
 from barber.checkpoint import Checkpoint
 from barber.errors import CheckpointError, StateError
 from barber.layout import INDEX_FILE
+from barber.report import BlockReport
 from barber.safetensors_format import TensorInfo, read_header
 from barber.writer import TensorSpec, write_safetensors
 
@@ -153,7 +154,7 @@ class SavedState:
     path: Path
     next_block: int
     num_blocks: int
-    blocks: list[dict]
+    blocks: list[BlockReport]
     fingerprint: Fingerprint
     extra: dict
     infos: dict[str, TensorInfo]
@@ -165,7 +166,7 @@ def save_state(
     *,
     next_block: int,
     num_blocks: int,
-    blocks: list[dict],
+    blocks: list[BlockReport],
     hidden: HiddenBuffer | None,
     fp: Fingerprint,
     extra: dict | None = None,
@@ -179,7 +180,7 @@ def save_state(
         "format": STATE_FORMAT,
         "next_block": next_block,
         "num_blocks": num_blocks,
-        "blocks": blocks,
+        "blocks": [b.to_json() for b in blocks],
         "fingerprint": fp.to_dict(),
         "extra": extra or {},
     }
@@ -227,6 +228,7 @@ def load_state(path: Path) -> SavedState:
         if meta["format"] != STATE_FORMAT:
             raise StateError(f"{path}: state format {meta['format']}, this barber reads {STATE_FORMAT}")
         next_block, num_blocks, blocks = int(meta["next_block"]), int(meta["num_blocks"]), list(meta["blocks"])
+        blocks = [BlockReport.from_json(b) for b in blocks]
         fp = Fingerprint.from_dict(meta["fingerprint"])
         extra = dict(meta.get("extra") or {})
     except (KeyError, TypeError, ValueError) as exc:

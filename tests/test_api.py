@@ -11,6 +11,7 @@ import pytest
 from helpers_models import make_tiny_checkpoint
 
 import barber
+from barber.report import RunReport
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -30,9 +31,10 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)  # the example prints sparsity and perplexity
     report = namespace["report"]
-    assert report["sparsity"] == pytest.approx(0.5)
-    assert report["settings"]["reconstruct"] == "subblock" and report["settings"]["pattern"] == "2:4"
-    assert report["eval"]["pruned"]["ppl"] > 1
+    assert report.sparsity == pytest.approx(0.5)
+    assert report.settings["reconstruct"] == "subblock" and report.settings["pattern"] == "2:4"
+    assert report.eval["pruned"]["ppl"] > 1
+    assert RunReport.from_json(report.to_json()).to_json() == report.to_json()
     assert (tmp_path / "out" / "barber_report.json").exists()
 
 

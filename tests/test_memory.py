@@ -17,12 +17,14 @@ from barber.cli import stream_main
 from barber.errors import BudgetError
 from barber.output import REPORT_FILE, WORK_DIR
 from barber.prune import InitMethod
+from barber.report import BlockReport
 from barber.run import prune_checkpoint
 from barber.settings import PruneSettings
 from barber.state import Fingerprint, load_hidden, load_state, save_state
 from barber.sysmem import current_rss
 
 GiB, MiB = 2**30, 2**20
+_EMPTY_BLOCK = BlockReport(0, {}, [], {}, 0)  # a block report for states made by hand
 
 
 # ---- sizes ------------------------------------------------------------------------------------
@@ -223,7 +225,7 @@ def test_disk_states_are_saved_and_restored_without_mapping_them_whole(tmp_path)
     for i in range(shape[0] // step):
         buf.put(slice(step * i, step * (i + 1)), piece(i))
     before = current_rss()
-    save_state(tmp_path / "state.safetensors", next_block=1, num_blocks=2, blocks=[{}], hidden=buf,
+    save_state(tmp_path / "state.safetensors", next_block=1, num_blocks=2, blocks=[_EMPTY_BLOCK], hidden=buf,
                fp=Fingerprint("c", "d", "s", {}))
     assert current_rss() - before < 48 * MiB, "saving mapped the disk buffer into RSS"
     buf.close()
@@ -251,7 +253,7 @@ def test_a_state_with_the_old_random_state_still_loads(tmp_path):
     from barber.safetensors_format import read_header
 
     hidden = HiddenBuffer(torch.arange(12.0).view(1, 3, 4), "device", torch.device("cpu"))
-    save_state(tmp_path / "new.safetensors", next_block=1, num_blocks=2, blocks=[{}], hidden=hidden,
+    save_state(tmp_path / "new.safetensors", next_block=1, num_blocks=2, blocks=[_EMPTY_BLOCK], hidden=hidden,
                fp=Fingerprint("c", "d", "s", {}))
     header = read_header(tmp_path / "new.safetensors")
     assert set(header.tensors) == {"hidden"}
@@ -288,8 +290,8 @@ def _digest(path) -> str:
 
 def _prune(src, out, budget, **settings):
     ids = torch.randint(0, 256, (5, 16), generator=torch.Generator().manual_seed(0))
-    return prune_checkpoint(Checkpoint.open(src), out, PruneSettings(batch_size=2, **settings), ids, progress=False,
-                            budget=budget)
+    settings = PruneSettings(batch_size=2, **settings)
+    return prune_checkpoint(Checkpoint.open(src), out, settings, ids, progress=False, budget=budget).to_json()
 
 
 @pytest.mark.parametrize("init, rebuild", [(InitMethod.WANDA, True), (InitMethod.SPARSEGPT, True),
@@ -336,7 +338,7 @@ def test_budget_lowers_the_micro_batch_and_the_run_still_prunes(tmp_path, monkey
     tight = int(roomy.estimates["peak_cpu"] - 1.5 * per_sample)  # room for 2 samples' activations, not 3 or 4
     monkeypatch.setattr("barber.residency.current_rss", lambda: 0)  # the plan's base, fixed for the test
     budget = MemoryBudget(cpu=tight, prefetch=False)
-    report = prune_checkpoint(ckpt, tmp_path / "o", PruneSettings(), ids, progress=False, budget=budget)
+    report = prune_checkpoint(ckpt, tmp_path / "o", PruneSettings(), ids, progress=False, budget=budget).to_json()
     assert report["memory"]["plan"]["micro_batch"] == 2
     assert report["sparsity"] == pytest.approx(0.5)
 

@@ -76,18 +76,18 @@ def test_refit_keeps_masks_and_zeros_and_lowers_the_error(tmp_path, family, mode
         assert (w[zeros].view(torch.int32) == 0).all()  # +0.0, never -0.0
         if pattern.structured:
             assert ((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all()
-    for sub in blocks[0]["subblocks"]:
-        for name, (before, after) in sub["reconstruct"]["relative_error"].items():
-            assert after <= before * (1 + 1e-4), (sub["subblock"], name, before, after)
+    for sub in blocks[0].subblocks:
+        for name, (before, after) in sub.reconstruct["relative_error"].items():
+            assert after <= before * (1 + 1e-4), (sub.subblock, name, before, after)
     if mode is Reconstruct.SUBBLOCK:  # the sub-block output error, as the pruner reports it
         loss_plain = _subblock_losses(tmp_path / "c", family, pattern, sparsity)
-        assert blocks[0]["subblocks"][0]["loss_after"] < loss_plain[0]
+        assert blocks[0].subblocks[0].loss_after < loss_plain[0]
 
 
 def _subblock_losses(tmp_path, family, pattern, sparsity) -> list[float]:
     """loss_after of block 0's sub-blocks without a re-fit (a run that reports sub-blocks: rebuild at ratio 0)."""
     _, blocks = _prune(tmp_path, family, pattern=pattern, sparsity=sparsity, ratio=0.0)
-    return [sb["loss_after"] for sb in blocks[0]["subblocks"]]
+    return [sb.loss_after for sb in blocks[0].subblocks]
 
 
 def test_recipe_paper_is_todays_defaults():

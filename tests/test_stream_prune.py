@@ -36,7 +36,7 @@ def read_all(path) -> dict[str, torch.Tensor]:
 
 def run(ckpt_dir, out_dir, **kw) -> dict:
     settings = PruneSettings(**kw)
-    return prune_checkpoint(Checkpoint.open(ckpt_dir), out_dir, settings, calib_ids(), progress=False)
+    return prune_checkpoint(Checkpoint.open(ckpt_dir), out_dir, settings, calib_ids(), progress=False).to_json()
 
 
 def pruned_names(ckpt: Checkpoint) -> set[str]:

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                                  batch_size=bs)
         with tempfile.TemporaryDirectory(prefix="barber-mb-") as tmp:
             out = Path(tmp) / "out"
-            report = prune_checkpoint(Checkpoint.open(model), out, settings, ids, progress=False)
+            report = prune_checkpoint(Checkpoint.open(model), out, settings, ids, progress=False).to_json()
             digests[bs] = weights_digest(out)
             line = f"micro-batch {bs:3d}: weights sha256 {digests[bs][:16]}, {report['swaps']} swaps"
             if eval_ids is not None:

@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                 out = Path(tmp) / "out"
                 report = prune_checkpoint(
                     Checkpoint.open(ckpt_dir), out, settings, calibration(nsamples, seed), progress=False
-                )
+                ).to_json()
                 results[name] = {
                     "ppl": evaluate(out),
                     "swaps": report["swaps"] if settings.rebuild else None,
