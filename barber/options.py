@@ -204,6 +204,9 @@ def _pruning_options(m) -> None:
     )
     m.add_argument("--reconstruct-damp", type=float, default=0.01,
                    help="re-fit ridge towards the dense weights, as a fraction of the mean diagonal of X^T X")
+    m.add_argument("--reconstruct-shrink", type=float, default=0.25,
+                   help="re-fit: pull X^T X this far towards its diagonal (0: trust the calibration windows' "
+                   "correlations, 1: no re-fit); against over-fitting a small calibration set")
     m.add_argument("--reconstruct-iters", type=int, default=16,
                    help="conjugate-gradient iterations per linear of the re-fit (at most)")
 
@@ -312,6 +315,7 @@ def settings_from_args(args: argparse.Namespace):
         batch_size=args.batch_size,
         allow_tf32=args.allow_tf32,
         reconstruct_damp=args.reconstruct_damp,
+        reconstruct_shrink=args.reconstruct_shrink,
         reconstruct_iters=args.reconstruct_iters,
     )
 
@@ -319,7 +323,8 @@ def settings_from_args(args: argparse.Namespace):
 #: PruneSettings field -> the option that sets it, for SettingsError messages.
 _OPTION_OF = {
     "sparsity": "--sparsity", "ratio": "--rebuild-ratio", "granularity": "--granularity", "batch_size": "--batch-size",
-    "reconstruct_damp": "--reconstruct-damp", "reconstruct_iters": "--reconstruct-iters",
+    "reconstruct_damp": "--reconstruct-damp", "reconstruct_shrink": "--reconstruct-shrink",
+    "reconstruct_iters": "--reconstruct-iters",
 }
 
 

@@ -105,14 +105,26 @@ def exact_masked_lstsq(hessian: torch.Tensor, rhs: torch.Tensor, mask: torch.Ten
     return out
 
 
+def shrunk(matrix: torch.Tensor, diagonal: torch.Tensor, shrink: float) -> torch.Tensor:
+    """(1 - shrink) * matrix + shrink * diag(diagonal): a second-moment estimate pulled towards its diagonal."""
+    if shrink == 0:
+        return matrix
+    return (1 - shrink) * matrix + torch.diag(shrink * diagonal)
+
+
 def _refit(
     weight_dense: torch.Tensor, current: torch.Tensor, mask: torch.Tensor, hessian: torch.Tensor,
-    cross: torch.Tensor | None, settings: PruneSettings,
+    cross: torch.Tensor, cross_diag: torch.Tensor, settings: PruneSettings,
 ) -> torch.Tensor:
-    """The re-fitted weight (compute dtype, pruned entries +0.0); `cross` is B (None: B = W_d H)."""
-    wd = weight_dense.float()
-    hd, lam = damped(hessian, settings.reconstruct_damp)
-    rhs = (wd @ hessian if cross is None else cross) + lam * wd
+    """The re-fitted weight (compute dtype, pruned entries +0.0), from H, B and the diagonal of X_d^T X_s.
+
+    H and the cross moments are shrunk towards their diagonals by `reconstruct_shrink` (§9.1): at 1 the
+    re-fit returns the dense values (a diagonal H couples no columns), at 0 it trusts the calibration
+    windows' correlations fully.
+    """
+    wd, shrink = weight_dense.float(), settings.reconstruct_shrink
+    hd, lam = damped(shrunk(hessian, torch.diagonal(hessian), shrink), settings.reconstruct_damp)
+    rhs = (1 - shrink) * cross + wd * (shrink * cross_diag).unsqueeze(0) + lam * wd
     solved = masked_pcg(hd, rhs, current, mask, settings.reconstruct_iters)
     return prune.apply_mask(solved.to(current.dtype), mask)
 
@@ -151,18 +163,20 @@ def _recorded(sub: SubBlock, x: torch.Tensor, w: Tensors, pos: Positions, name: 
     return seen[0].reshape(-1, seen[0].shape[-1]).float()
 
 
-def _group_statistics(states, sub, weights, dense, pos, group) -> tuple[torch.Tensor, Tensors, Tensors]:
-    """H = sum X_s^T X_s of the group's input, and per linear B = sum Y_d^T X_s and sum ||Y_d||^2."""
-    hessian, cross, target_sq = None, {}, {}
+def _group_statistics(states, sub, weights, dense, pos, group) -> tuple[torch.Tensor, torch.Tensor, Tensors, dict]:
+    """H = sum X_s^T X_s of the group's input, diag(sum X_d^T X_s), and per linear B = sum Y_d^T X_s
+    and sum ||Y_d||^2."""
+    hessian, cross_diag, cross, target_sq = None, None, {}, {}
     for xs, xd in _inputs(states, sub, weights, dense, pos, group):
-        h = xs.T @ xs
+        h, c = xs.T @ xs, (xd * xs).sum(0)
         hessian = h if hessian is None else hessian + h
+        cross_diag = c if cross_diag is None else cross_diag + c
         for n in group:
             y = xd @ dense[n + ".weight"].float().T
             b = y.T @ xs
             cross[n] = cross[n] + b if n in cross else b
             target_sq[n] = target_sq.get(n, 0.0) + float((y * y).sum())
-    return hessian, cross, target_sq
+    return hessian, cross_diag, cross, target_sq
 
 
 def refit_subblock(
@@ -180,23 +194,27 @@ def refit_subblock(
         for n in sub.names:
             hessian = stats.xtx.pop(n)
             wd = dense[n + ".weight"].float()
-            cross, target_sq = wd @ hessian, float(((wd @ hessian) * wd).sum())
-            errors[n] = _refit_one(n, dense, weights, masks, hessian, cross, target_sq, settings)
+            cross = wd @ hessian
+            target_sq = float((cross * wd).sum())
+            diag = torch.diagonal(hessian)
+            errors[n] = _refit_one(n, dense, weights, masks, hessian, diag, cross, target_sq, settings)
         return {"relative_error": errors}
     for group in stages(sub):
-        hessian, cross, target_sq = _group_statistics(states, sub, weights, dense, pos, group)
+        hessian, cross_diag, cross, target_sq = _group_statistics(states, sub, weights, dense, pos, group)
         for n in group:
-            errors[n] = _refit_one(n, dense, weights, masks, hessian, cross.pop(n), target_sq[n], settings)
+            errors[n] = _refit_one(
+                n, dense, weights, masks, hessian, cross_diag, cross.pop(n), target_sq[n], settings
+            )
         del hessian
     return {"relative_error": errors}
 
 
-def _refit_one(n, dense, weights, masks, hessian, cross, target_sq, settings) -> list[float]:
-    """Re-fit linear `n` in `weights`; returns [relative error before, after]."""
+def _refit_one(n, dense, weights, masks, hessian, cross_diag, cross, target_sq, settings) -> list[float]:
+    """Re-fit linear `n` in `weights`; returns [relative error before, after] on the calibration windows."""
     key = n + ".weight"
     scale = max(target_sq, 1e-30)
     before = _objective(weights[key], hessian, cross, target_sq) / scale
-    weights[key] = _refit(dense[key], weights[key], masks[n], hessian, cross, settings)
+    weights[key] = _refit(dense[key], weights[key], masks[n], hessian, cross, cross_diag, settings)
     after = _objective(weights[key], hessian, cross, target_sq) / scale
     return [before, after]
 

@@ -64,6 +64,7 @@ class PruneSettings:
     allow_tf32: bool = False  # let float32 matmuls on a GPU use TF32 (see barber.pipeline)
     reconstruct: Reconstruct = Reconstruct.NONE
     reconstruct_damp: float = 0.01  # ridge towards the dense weights, times the mean diagonal of X^T X
+    reconstruct_shrink: float = 0.25  # X^T X (and X_d^T X_s) pulled this far towards its diagonal
     # conjugate-gradient iterations per linear (at most; see tools/experiments/refit_solvers.py)
     reconstruct_iters: int = 16
 
@@ -90,6 +91,8 @@ class PruneSettings:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise SettingsError(name, f"must be a finite number >= 0, got {value}")
+        if not (0 <= self.reconstruct_shrink <= 1):
+            raise SettingsError("reconstruct_shrink", f"must be in [0, 1], got {self.reconstruct_shrink}")
         if self.reconstruct_iters < 1:
             raise SettingsError("reconstruct_iters", f"must be at least 1, got {self.reconstruct_iters}")
 

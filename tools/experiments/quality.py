@@ -337,7 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, run in runs.items():
         if args.only and not re.search(args.only, name):
             continue
-        if name in results and not args.rerun:
+        stale = run.settings is not None and name in results and results[name].get("settings") != replace(
+            run.settings, device=args.device, dtype=dtype).describe()  # the same name, other settings: run again
+        if name in results and not args.rerun and not stale:
             print(f"{name}: {results[name]['ppl']:.2f} (cached)", flush=True)
             continue
         started = time.perf_counter()

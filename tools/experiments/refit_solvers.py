@@ -7,7 +7,12 @@ and re-fits every linear's kept weights with `masked_pcg` at several iteration c
 `exact_masked_lstsq` (float64, one solve per row). Prints, per linear, the relative error
 sum ||(W - W_d) x||^2 / sum ||W_d x||^2 without a re-fit and after each solver, and the seconds.
 
+`--damps` instead re-fits at several ridge strengths and prints the error on the calibration
+windows and on held-out windows of the Wikipedia excerpt (the same block, the dense model's
+inputs): a re-fit that lowers the first and raises the second over-fits the calibration text.
+
     .venv/bin/python tools/experiments/refit_solvers.py --block 3 --pattern 2:4
+    .venv/bin/python tools/experiments/refit_solvers.py --block 3 --damps 0.01,0.1,1
 """
 
 from __future__ import annotations
@@ -37,6 +42,38 @@ def relative_error(w: torch.Tensor, w_dense: torch.Tensor, hessian: torch.Tensor
     return float(((d @ h) * d).sum() / ((w_dense.double() @ h) * w_dense.double()).sum())
 
 
+def block_statistics(ckpt: Checkpoint, ids: torch.Tensor, block: int) -> tuple[dict, Stats]:
+    """Block `block`'s dense weights and its linears' input statistics on `ids` (dense model up to it)."""
+    arch = Arch.from_checkpoint(ckpt)
+    pos = arch.positions(ids.shape[1])
+    with torch.no_grad():
+        h = arch.embed(ids, ckpt.embedding_weights(dtype=torch.float32))
+        for i in range(block):
+            h = arch.block_forward(h, ckpt.block_weights(i, dtype=torch.float32), pos)
+        dense = ckpt.block_weights(block, dtype=torch.float32)
+        stats = Stats(hessian=True)
+        arch.block_forward(h, dense, pos, stats.linear(dense))
+    return dense, stats
+
+
+def compare_damps(ckpt, dense, stats, held_out, pattern, damps: list[float]) -> int:
+    """Calibration and held-out relative error of the exact re-fit of Wanda masks, per ridge strength."""
+    print(f"{pattern}, Wanda masks; relative error on the calibration windows / on held-out Wikipedia windows")
+    header = ["linear", "no re-fit", *(f"damp {d:g}" for d in damps)]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for name in ckpt.family.linears:
+        w_dense, hessian, h_out = dense[name + ".weight"].float(), stats.xtx[name], held_out.xtx[name]
+        mask = prune.select(prune.wanda_scores(w_dense, stats.sq[name]), 0.5, pattern)
+        cells = [f"{relative_error(w_dense * mask, w_dense, hessian):.4f} / "
+                 f"{relative_error(w_dense * mask, w_dense, h_out):.4f}"]
+        for damp in damps:
+            hd, lam = damped(hessian, damp)
+            w = exact_masked_lstsq(hd, w_dense @ hessian + lam * w_dense, mask)
+            cells.append(f"{relative_error(w, w_dense, hessian):.4f} / {relative_error(w, w_dense, h_out):.4f}")
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--block", type=int, default=3)
@@ -44,21 +81,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", default="5,10,20,40", help="conjugate-gradient iteration counts, comma-separated")
     p.add_argument("--damp", type=float, default=0.01)
     p.add_argument("--no-exact", action="store_true", help="skip the exact per-row solves (slow on wide rows)")
+    p.add_argument("--damps", default=None, help="ridge strengths to compare on held-out text, comma-separated")
     args = p.parse_args(argv)
     pattern = prune.Pattern.parse(args.pattern)
 
     ckpt = Checkpoint.open(assets.smollm2_dir())
-    arch = Arch.from_checkpoint(ckpt)
-    ids = load_calibration(assets.botchan_path(), load_tokenizer(ckpt.path).encode, nsamples=32, seqlen=256, seed=0,
+    tok = load_tokenizer(ckpt.path)
+    ids = load_calibration(assets.botchan_path(), tok.encode, nsamples=32, seqlen=256, seed=0,
                            vocab_size=ckpt.config.vocab_size)
-    pos = arch.positions(ids.shape[1])
-    with torch.no_grad():
-        h = arch.embed(ids, ckpt.embedding_weights(dtype=torch.float32))
-        for i in range(args.block):
-            h = arch.block_forward(h, ckpt.block_weights(i, dtype=torch.float32), pos)
-        dense = ckpt.block_weights(args.block, dtype=torch.float32)
-        stats = Stats(hessian=True)
-        arch.block_forward(h, dense, pos, stats.linear(dense))
+    dense, stats = block_statistics(ckpt, ids, args.block)
+    if args.damps:
+        wiki = tok.encode_prefix(assets.wiki_text_path().read_text(encoding="utf-8"), 32 * 256)
+        _, held_out = block_statistics(ckpt, torch.tensor(wiki[: 32 * 256]).view(32, 256), args.block)
+        return compare_damps(ckpt, dense, stats, held_out, pattern, [float(d) for d in args.damps.split(",")])
     print(f"block {args.block}, {args.pattern}, Wanda masks, damp {args.damp}; relative error (seconds)")
     header = ["linear", "no re-fit", *(f"cg {n}" for n in args.iters.split(","))] + ([] if args.no_exact else ["exact"])
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
