@@ -207,7 +207,7 @@ def _pruning_options(m) -> None:
     m.add_argument("--reconstruct-shrink", type=float, default=0.25,
                    help="re-fit: pull X^T X this far towards its diagonal (0: trust the calibration windows' "
                    "correlations, 1: no re-fit); against over-fitting a small calibration set")
-    m.add_argument("--reconstruct-iters", type=int, default=16,
+    m.add_argument("--reconstruct-iters", type=int, default=8,
                    help="conjugate-gradient iterations per linear of the re-fit (at most)")
 
 

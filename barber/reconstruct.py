@@ -165,17 +165,27 @@ def _recorded(sub: SubBlock, x: torch.Tensor, w: Tensors, pos: Positions, name: 
 
 def _group_statistics(states, sub, weights, dense, pos, group) -> tuple[torch.Tensor, torch.Tensor, Tensors, dict]:
     """H = sum X_s^T X_s of the group's input, diag(sum X_d^T X_s), and per linear B = sum Y_d^T X_s
-    and sum ||Y_d||^2."""
+    and sum ||Y_d||^2 (for the sub-block's first group X_d = X_s, so B = W_d H, without the outputs)."""
+    first = group == stages(sub)[0]
     hessian, cross_diag, cross, target_sq = None, None, {}, {}
     for xs, xd in _inputs(states, sub, weights, dense, pos, group):
-        h, c = xs.T @ xs, (xd * xs).sum(0)
+        h = xs.T @ xs
         hessian = h if hessian is None else hessian + h
+        if first:
+            continue
+        c = (xd * xs).sum(0)
         cross_diag = c if cross_diag is None else cross_diag + c
         for n in group:
             y = xd @ dense[n + ".weight"].float().T
             b = y.T @ xs
             cross[n] = cross[n] + b if n in cross else b
             target_sq[n] = target_sq.get(n, 0.0) + float((y * y).sum())
+    if first:
+        cross_diag = torch.diagonal(hessian)
+        for n in group:
+            wd = dense[n + ".weight"].float()
+            cross[n] = wd @ hessian
+            target_sq[n] = float((cross[n] * wd).sum())
     return hessian, cross_diag, cross, target_sq
 
 

@@ -66,7 +66,7 @@ class PruneSettings:
     reconstruct_damp: float = 0.01  # ridge towards the dense weights, times the mean diagonal of X^T X
     reconstruct_shrink: float = 0.25  # X^T X (and X_d^T X_s) pulled this far towards its diagonal
     # conjugate-gradient iterations per linear (at most; see tools/experiments/refit_solvers.py)
-    reconstruct_iters: int = 16
+    reconstruct_iters: int = 8
 
     def __post_init__(self) -> None:
         if not (0 <= self.sparsity < 1):  # also false for NaN
