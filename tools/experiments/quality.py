@@ -191,6 +191,50 @@ def markdown(results: dict, meta: dict) -> str:
     return "\n".join(_table(caption, header, rows))
 
 
+def recipe_tables(results: dict, meta: dict) -> str:
+    """The recipes set: per configuration and pattern, the perplexity at each calibration seed and its ratio to
+    the better of Wanda and SparseGPT at the same seed; then calibration loss, prune time and peak RSS (seed 0)."""
+    by: dict[tuple[str, str], dict[int, dict]] = {}
+    for name, r in results.items():
+        base, _, seed = name.partition(", seed ")
+        for label in PATTERNS:
+            if f" {label}" in base:
+                by.setdefault((base.replace(f" {label}", ""), label), {})[int(seed or 0)] = r
+    if not by:
+        return ""
+    configs = list(dict.fromkeys(c for c, _ in by))
+    seeds = sorted({s for runs in by.values() for s in runs})
+
+    def cell(config: str, label: str) -> str:
+        runs, out = by.get((config, label), {}), []
+        for s in seeds:
+            if s not in runs:
+                continue
+            best = min((by.get((b, label), {}).get(s, {}).get("ppl", math.inf) for b in ("wanda", "sparsegpt")))
+            ratio = f" ({runs[s]['ppl'] / best:.3f})" if math.isfinite(best) else ""
+            out.append(f"{runs[s]['ppl']:.2f}{ratio}")
+        return " / ".join(out)
+
+    caption = (f"Perplexity at calibration seeds {', '.join(map(str, seeds))} (in brackets: over the better of Wanda "
+               f"and SparseGPT at that seed); calibration {meta['nsamples']} x {meta['seqlen']} tokens of "
+               f"{meta['calib_name']}, {meta['eval_windows']} x {meta['eval_seqlen']} held-out tokens of "
+               f"{meta['eval_name']}.")
+    out = _table(caption, ["configuration", *PATTERNS], [[c, *(cell(c, p) for p in PATTERNS)] for c in configs])
+
+    def cost(config: str, label: str) -> str:
+        r = by.get((config, label), {}).get(0)
+        if r is None:
+            return ""
+        loss = "" if r.get("calib_loss") is None else f"{r['calib_loss']:.3g}, "
+        rss = "" if r.get("peak_rss") is None else f", {r['peak_rss'] / 2**30:.2f} GiB"
+        return f"{loss}{r['seconds']:.0f} s{rss}"
+
+    out += _table("Seed 0: calibration loss (geometric mean over sub-blocks of the output error against the dense "
+                  "sub-block), prune time and peak RSS.", ["configuration", *PATTERNS],
+                  [[c, *(cost(c, p) for p in PATTERNS)] for c in configs])
+    return "\n".join(out)
+
+
 def grids(results: dict, meta: dict) -> str:
     """The rebuild runs on the default calibration as ratio x granularity tables, one per metric and
     initial method x pattern, next to the same mask without the rebuild."""
@@ -370,7 +414,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {results[name]['ppl']:.2f} ({time.perf_counter() - started:.0f} s)", flush=True)
         json_path.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     ordered = {k: results[k] for k in runs if k in results}
-    text = "\n".join([markdown(ordered, meta), grids(ordered, meta), axis_tables(ordered, meta)])
+    if args.set == "recipes":
+        tables = [recipe_tables(ordered, meta)]
+    else:
+        tables = [grids(ordered, meta), axis_tables(ordered, meta)]
+    text = "\n".join([markdown(ordered, meta), *tables])
     Path(args.markdown).write_text(text)
     print(text)
     return 0

@@ -13,6 +13,13 @@ inputs): a re-fit that lowers the first and raises the second over-fits the cali
 
     .venv/bin/python tools/experiments/refit_solvers.py --block 3 --pattern 2:4
     .venv/bin/python tools/experiments/refit_solvers.py --block 3 --damps 0.01,0.1,1
+
+`--shrinks` re-fits with X^T X pulled towards its diagonal by each given amount (`--reconstruct-shrink`)
+and prints, per linear, the two-fold cross-validated error on the calibration windows alone (fit on
+the even windows, measure on the odd ones, and back), the amount that minimises it, and the error
+on the held-out Wikipedia windows of each amount (for comparison, not for choosing).
+
+    .venv/bin/python tools/experiments/refit_solvers.py --block 3 --shrinks 0,0.25,0.5,0.75
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from barber.calib import load_calibration  # noqa: E402
 from barber.checkpoint import Checkpoint  # noqa: E402
 from barber.initial import Stats  # noqa: E402
 from barber.model import Arch  # noqa: E402
-from barber.reconstruct import damped, exact_masked_lstsq, masked_pcg  # noqa: E402
+from barber.reconstruct import damped, exact_masked_lstsq, masked_pcg, shrunk  # noqa: E402
 from barber.tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -74,6 +81,31 @@ def compare_damps(ckpt, dense, stats, held_out, pattern, damps: list[float]) -> 
     return 0
 
 
+def _shrunk_refit(hessian, w_dense, mask, shrink: float, damp: float) -> torch.Tensor:
+    hd, lam = damped(shrunk(hessian, torch.diagonal(hessian), shrink), damp)
+    return exact_masked_lstsq(hd, w_dense @ hd, mask)
+
+
+def cross_validate(ckpt, dense, stats, folds, held_out, pattern, shrinks: list[float], damp: float) -> int:
+    """Per linear: two-fold CV error on the calibration windows per shrinkage, its choice, held-out errors."""
+    print(f"{pattern}, Wanda masks, damp {damp:g}; cross-validated calibration error | held-out Wikipedia error")
+    header = ["linear", *(f"cv {g:g}" for g in shrinks), "chosen", "held-out, no re-fit",
+              *(f"held-out {g:g}" for g in shrinks)]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for name in ckpt.family.linears:
+        w_dense = dense[name + ".weight"].float()
+        mask = prune.select(prune.wanda_scores(w_dense, stats.sq[name]), 0.5, pattern)
+        cv = [sum(relative_error(_shrunk_refit(folds[k].xtx[name], w_dense, mask, g, damp), w_dense,
+                                 folds[1 - k].xtx[name]) for k in (0, 1)) / 2 for g in shrinks]
+        chosen = shrinks[min(range(len(shrinks)), key=cv.__getitem__)]
+        h_out = held_out.xtx[name]
+        out = [relative_error(_shrunk_refit(stats.xtx[name], w_dense, mask, g, damp), w_dense, h_out) for g in shrinks]
+        cells = [*(f"{c:.4f}" for c in cv), f"{chosen:g}", f"{relative_error(w_dense * mask, w_dense, h_out):.4f}",
+                 *(f"{e:.4f}" for e in out)]
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--block", type=int, default=3)
@@ -82,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--damp", type=float, default=0.01)
     p.add_argument("--no-exact", action="store_true", help="skip the exact per-row solves (slow on wide rows)")
     p.add_argument("--damps", default=None, help="ridge strengths to compare on held-out text, comma-separated")
+    p.add_argument("--shrinks", default=None, help="shrinkage amounts to cross-validate, comma-separated")
     args = p.parse_args(argv)
     pattern = prune.Pattern.parse(args.pattern)
 
@@ -90,9 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     ids = load_calibration(assets.botchan_path(), tok.encode, nsamples=32, seqlen=256, seed=0,
                            vocab_size=ckpt.config.vocab_size)
     dense, stats = block_statistics(ckpt, ids, args.block)
-    if args.damps:
+    if args.damps or args.shrinks:
         wiki = tok.encode_prefix(assets.wiki_text_path().read_text(encoding="utf-8"), 32 * 256)
         _, held_out = block_statistics(ckpt, torch.tensor(wiki[: 32 * 256]).view(32, 256), args.block)
+        if args.shrinks:
+            folds = [block_statistics(ckpt, ids[k::2], args.block)[1] for k in (0, 1)]
+            shrinks = [float(g) for g in args.shrinks.split(",")]
+            return cross_validate(ckpt, dense, stats, folds, held_out, pattern, shrinks, args.damp)
         return compare_damps(ckpt, dense, stats, held_out, pattern, [float(d) for d in args.damps.split(",")])
     print(f"block {args.block}, {args.pattern}, Wanda masks, damp {args.damp}; relative error (seconds)")
     header = ["linear", "no re-fit", *(f"cg {n}" for n in args.iters.split(","))] + ([] if args.no_exact else ["exact"])
