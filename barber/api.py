@@ -81,7 +81,7 @@ def prune_and_evaluate(
     state_interval: float = 0.0,
     say: Callable[[str], None] | None = None,
 ) -> RunReport:
-    """Prune `ckpt` into `out` with `settings`, calibrated on `calib`; optionally measure perplexity.
+    """Prune `ckpt` into `out` calibrated on `calib`, optionally measure perplexity (long: its arguments).
 
     Args:
         calib: a calibration file (see `barber.calib.load_calibration`) or token ids [nsamples, seqlen].

@@ -320,7 +320,7 @@ def plan_memory(
     cpu_budget: int | None = None,
     gpu_budget: int | None = None,
 ) -> MemoryPlan:
-    """Choose hidden-state placement, prefetch and micro-batch for the budgets.
+    """Choose hidden-state placement, prefetch and micro-batch for the budgets (long: its documented arguments).
 
     Args:
         sh: `model_shapes(ckpt)`.

@@ -109,6 +109,24 @@ def advance_hidden(
 
 
 @torch.no_grad()
+def _window_losses(arch: Arch, hidden: torch.Tensor, windows: torch.Tensor, fw, device: torch.device) -> torch.Tensor:
+    """Each window's mean cross-entropy of its shifted targets, from the last block's hidden states [n]."""
+    seqlen, losses = windows.shape[1], []
+    for w in range(windows.shape[0]):
+        targets = windows[w, 1:].to(device)
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        # The head runs on LOGIT_CHUNK positions at a time: logits of a whole window ([T, vocab] in
+        # float32, 100 MB for 512 tokens of a 49k vocabulary) would dominate the evaluation's memory.
+        for t in range(0, seqlen - 1, LOGIT_CHUNK):
+            logits = arch.final_logits(hidden[w : w + 1, t : min(t + LOGIT_CHUNK, seqlen - 1)], fw)[0]
+            # Rows of [tokens, vocab], as transformers computes it: on this layout torch's CPU log-softmax
+            # is accurate, while the [B, vocab, T] layout was measured 1e-4 off for a 49k vocabulary.
+            ce = F.cross_entropy(logits.float(), targets[t : t + logits.shape[0]], reduction="none")
+            total += ce.double().sum()
+        losses.append((total / (seqlen - 1)).cpu().reshape(1))
+    return torch.cat(losses)
+
+
 def perplexity(
     ckpt: Checkpoint,
     token_ids: Sequence[int] | torch.Tensor,
@@ -121,7 +139,7 @@ def perplexity(
     bos_id: int | None = None,
     progress: bool = True,
 ) -> PerplexityResult:
-    """Perplexity of `ckpt` on a token stream, streaming the checkpoint block by block.
+    """Perplexity of `ckpt` on a token stream, streaming the checkpoint block by block (long: its arguments).
 
     Args:
         ckpt: an opened checkpoint.
@@ -161,21 +179,9 @@ def perplexity(
     bar.close()
 
     fw = ckpt.final_weights(dtype, device)
-    losses = []
-    for w in range(n):
-        targets = windows[w, 1:].to(device)
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        # The head runs on LOGIT_CHUNK positions at a time: logits of a whole window ([T, vocab] in
-        # float32, 100 MB for 512 tokens of a 49k vocabulary) would dominate the evaluation's memory.
-        for t in range(0, seqlen - 1, LOGIT_CHUNK):
-            logits = arch.final_logits(hidden[w : w + 1, t : min(t + LOGIT_CHUNK, seqlen - 1)], fw)[0]
-            # Rows of [tokens, vocab], as transformers computes it: on this layout torch's CPU log-softmax
-            # is accurate, while the [B, vocab, T] layout was measured 1e-4 off for a 49k vocabulary.
-            ce = F.cross_entropy(logits.float(), targets[t : t + logits.shape[0]], reduction="none")
-            total += ce.double().sum()
-        losses.append((total / (seqlen - 1)).cpu().reshape(1))
+    losses = _window_losses(arch, hidden, windows, fw, device)
     del fw, hidden
-    nll = float(torch.cat(losses).mean())
+    nll = float(losses.mean())
     settings = {
         "checkpoint": str(ckpt.path),
         "family": ckpt.family.name,

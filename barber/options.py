@@ -67,7 +67,7 @@ def resolve_device(name: str):
         raise UsageError(f"--device {name}: not a device name") from None
 
 
-DEMO_OUT = "runs/smollm2-135m-wanda-barber-50"
+DEMO_OUT = "runs/smollm2-135m-50"
 
 
 _INTERRUPTIONS = """\
@@ -143,7 +143,7 @@ def _io_options(io) -> None:
     io.add_argument(
         "--demo",
         action="store_true",
-        help=f"prune the fetched SmolLM2-135M (50%%, Wanda + rebuild) into {DEMO_OUT} and print perplexity "
+        help=f"prune the fetched SmolLM2-135M (50%%, the default recipe) into {DEMO_OUT} and print perplexity "
         "before and after on held-out Wikipedia text",
     )
 
@@ -194,6 +194,10 @@ def _pruning_options(m) -> None:
         action="store_true",
         help="keep the initial method's updated weights (SparseGPT) instead of resetting to dense values",
     )
+    _reconstruct_options(m)
+
+
+def _reconstruct_options(m) -> None:
     m.add_argument(
         "--reconstruct",
         choices=[e.value for e in Reconstruct],

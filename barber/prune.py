@@ -117,7 +117,7 @@ def sparsegpt_prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SparseGPT: prune with OBS weight updates (Frantar & Alistarh 2023).
+    """SparseGPT: prune with OBS weight updates (Frantar & Alistarh 2023); one piece, as the paper's algorithm.
 
     H = 2/N * sum_n X_n X_n^T (fp32), dead inputs get weight 0 and diagonal 1, damping
     `percdamp * mean(diag H)`; columns are processed in blocks of `blocksize` with lazy

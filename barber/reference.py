@@ -83,7 +83,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def rebuild_mask(scores: torch.Tensor, mask: torch.Tensor, ratio: float, m: int = 0) -> torch.Tensor:
-    """LLM-Barber mask rebuild, per row (docs/algorithm.md §4.4, N:M §4.6, ties §1.1).
+    """LLM-Barber mask rebuild, per row (docs/algorithm.md §4.4, N:M §4.6, ties §1.1); one piece: the spec's twin.
 
     Per row, P = pruned entries (mask False), K = kept entries (mask True). Sort P
     best-first (a1, a2, ...) and K worst-first (b1, b2, ...) in the total order ("worst" =

@@ -193,7 +193,9 @@ def _block_loop(
     pruner: Pruner, ckpt: Checkpoint, work: Path, calib_ids: torch.Tensor, fp: Fingerprint,
     saved: SavedState | None, opts: RunOptions,
 ) -> tuple[BlockState, float, float]:
-    """Prune every block not done yet; returns the final state, the embedding and the state-saving seconds.
+    """Prune every block not done yet (long: the commit policy below shares the loop's state).
+
+    Returns the final state, the embedding seconds and the state-saving seconds.
 
     The state is committed after a block when `opts.state_interval` seconds have passed since the last
     commit (0: after every block), always after the last block and before stopping on a signal.

@@ -134,5 +134,5 @@ def test_cli_refit_alone_and_recipes(tmp_path):
     report, alone = _stream(tmp_path, "alone", "--no-rebuild", "--reconstruct", "layer")
     assert report["swaps"] == 0 and report["settings"]["reconstruct"] == "layer"
     report, refit = _stream(tmp_path, "refit", "--recipe", "refit")
-    assert report["settings"]["reconstruct"] == "subblock" and report["settings"]["rebuild"]
+    assert report["settings"]["reconstruct"] == "subblock" and not report["settings"]["rebuild"]
     assert len({paper, alone, refit}) == 3  # (0.01 of a tiny row is no swap at all)

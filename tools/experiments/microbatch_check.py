@@ -22,13 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from barber import assets  # noqa: E402
-from barber.calib import load_calibration  # noqa: E402
-from barber.checkpoint import Checkpoint  # noqa: E402
-from barber.evaluate import perplexity  # noqa: E402
+from barber.api import Evaluation, prune_and_evaluate  # noqa: E402
 from barber.prune import InitMethod  # noqa: E402
-from barber.run import prune_checkpoint  # noqa: E402
 from barber.settings import PruneSettings  # noqa: E402
-from barber.tokenizer import load_tokenizer  # noqa: E402
 
 
 def weights_digest(path: Path) -> str:
@@ -50,11 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     model = assets.smollm2_dir()
-    ckpt = Checkpoint.open(model)
-    tok = load_tokenizer(model)
-    ids = load_calibration(assets.botchan_path(), tok.encode, nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
-                           vocab_size=ckpt.config.vocab_size)
-    eval_ids = tok.encode(assets.wiki_text_path().read_text(encoding="utf-8")) if args.eval else None
+    evaluation = Evaluation(assets.wiki_text_path(), windows=16, seqlen=512) if args.eval else None
     rebuild = args.rebuild_ratio is not None
     digests = {}
     for bs in args.batch_sizes:
@@ -62,12 +54,12 @@ def main(argv: list[str] | None = None) -> int:
                                  batch_size=bs)
         with tempfile.TemporaryDirectory(prefix="barber-mb-") as tmp:
             out = Path(tmp) / "out"
-            report = prune_checkpoint(Checkpoint.open(model), out, settings, ids, progress=False).to_json()
+            report = prune_and_evaluate(model, out, settings, assets.botchan_path(), nsamples=args.nsamples,
+                                        seqlen=args.seqlen, evaluation=evaluation)
             digests[bs] = weights_digest(out)
-            line = f"micro-batch {bs:3d}: weights sha256 {digests[bs][:16]}, {report['swaps']} swaps"
-            if eval_ids is not None:
-                ppl = perplexity(Checkpoint.open(out), eval_ids, seqlen=512, max_windows=16, progress=False).ppl
-                line += f", perplexity {ppl:.4f}"
+            line = f"micro-batch {bs:3d}: weights sha256 {digests[bs][:16]}, {report.swaps} swaps"
+            if evaluation is not None:
+                line += f", perplexity {report.eval['pruned']['ppl']:.4f}"
         print(line, flush=True)
     same = len(set(digests.values())) == 1
     print("identical outputs" if same else "the outputs differ", flush=True)
