@@ -171,7 +171,10 @@ def _pruning_options(m) -> None:
         default="row",
         help="magnitude ranking per output row, or per matrix as the reference code does",
     )
-    m.add_argument("--no-rebuild", action="store_true", help="initial mask only, no Barber rebuild")
+    rebuild = m.add_mutually_exclusive_group()
+    rebuild.add_argument("--rebuild", action="store_true",
+                         help="run the Barber rebuild even where the recipe does not (refit)")
+    rebuild.add_argument("--no-rebuild", action="store_true", help="no Barber rebuild, whatever the recipe")
     m.add_argument(
         "--rebuild-ratio",
         type=float,
@@ -301,7 +304,7 @@ def settings_from_args(args: argparse.Namespace):
             raise UsageError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
     given = {
         "init": None if args.init is None else InitMethod(args.init),
-        "rebuild": False if args.no_rebuild else None,
+        "rebuild": False if args.no_rebuild else True if args.rebuild else None,
         "ratio": args.rebuild_ratio,
         "granularity": None if args.granularity is None else Granularity(args.granularity),
         "retain_reconstruction": True if args.retain_reconstruction else None,

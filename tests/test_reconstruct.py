@@ -136,3 +136,9 @@ def test_cli_refit_alone_and_recipes(tmp_path):
     report, refit = _stream(tmp_path, "refit", "--recipe", "refit")
     assert report["settings"]["reconstruct"] == "subblock" and not report["settings"]["rebuild"]
     assert len({paper, alone, refit}) == 3  # (0.01 of a tiny row is no swap at all)
+
+
+def test_cli_rebuild_flag_turns_the_rebuild_on_in_the_refit_recipe(tmp_path):
+    report, _ = _stream(tmp_path, "both", "--recipe", "refit", "--rebuild")
+    assert report["settings"]["rebuild"] and report["settings"]["reconstruct"] == "subblock"
+    assert all("loss_before" in sb for b in report["blocks"] for sb in b["subblocks"])

@@ -8,6 +8,9 @@ to keep the bytes by running this before and after it and comparing the lines:
     .venv/bin/python tools/experiments/same_bytes.py > after.txt    # on the new one
     diff before.txt after.txt
 
+Since the default recipe became `refit`, the configurations of earlier commits are `--recipe paper`:
+compare a commit from before the recipes with `--extra "--recipe paper"` on the later one.
+
 Each configuration runs `barber-stream` in a child process (8 x 128 Botchan tokens, seed 0,
 micro-batch 4, float32 on the CPU). `--config NAME` runs only the named ones.
 """
