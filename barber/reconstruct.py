@@ -19,6 +19,10 @@ Two ways to choose the inputs and targets (`Reconstruct`):
   the dense sub-block's values at that point (the dense linear applied to the dense sub-block's
   input for it). The sub-block's output is thus fitted to the dense sub-block's output.
 
+Before solving, H is shrunk towards its diagonal, H <- (1 - g) H + g diag(H), and B likewise
+(`reconstruct_shrink` g, default 0.25): a few thousand calibration tokens estimate the off-diagonal
+entries poorly, and the unshrunk solution over-fits them (docs/algorithm.md §9.1).
+
 Pruned entries stay exactly +0.0 and the masks never change. The solver is conjugate gradients on
 all rows at once, preconditioned by diag(H + lam I) and projected onto each row's kept set: one
 [out, in] x [in, in] matmul per iteration, at most `reconstruct_iters` of them.

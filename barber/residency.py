@@ -70,10 +70,6 @@ class HiddenStates:
         self.trajectory: HiddenBuffer | None = None
         self._scratch: HiddenBuffer | None = None
 
-    @property
-    def micro_batch(self) -> int:
-        return self.plan.micro_batch
-
     def chunks(self) -> list[slice]:
         """The micro-batches of samples, in order."""
         n, size = self.nsamples, self.plan.micro_batch
