@@ -216,7 +216,10 @@ def test_disk_states_are_saved_and_restored_without_mapping_them_whole(tmp_path)
     mapping whole), and the data come back bit-exact."""
     if not Path("/proc/self/status").exists():
         pytest.skip("needs /proc to read RSS")
-    shape, step = (48, 1024, 1024), 4  # 192 MiB of float32, written and read 16 MiB at a time
+    shape, step = (48, 1024, 1024), 4  # 192 MiB of float32, put and got 16 MiB at a time
+    # The writer streams `host_pieces` of up to 64 MiB; the heap may keep one piece's pages after it is
+    # freed, so "far less than the buffer" is: under 1.5 pieces (the old writer grew by all 192 MiB).
+    bound = 96 * MiB
 
     def piece(i: int) -> torch.Tensor:
         return torch.randn(step, 1024, 1024, generator=torch.Generator().manual_seed(i))
@@ -227,7 +230,7 @@ def test_disk_states_are_saved_and_restored_without_mapping_them_whole(tmp_path)
     before = current_rss()
     save_state(tmp_path / "state.safetensors", next_block=1, num_blocks=2, blocks=[_EMPTY_BLOCK], hidden=buf,
                fp=Fingerprint("c", "d", "s", {}))
-    assert current_rss() - before < 48 * MiB, "saving mapped the disk buffer into RSS"
+    assert current_rss() - before < bound, "saving mapped the disk buffer into RSS"
     buf.close()
 
     back = load_hidden(load_state(tmp_path / "state.safetensors"), None)
@@ -237,7 +240,7 @@ def test_disk_states_are_saved_and_restored_without_mapping_them_whole(tmp_path)
     for i in range(shape[0] // step):
         c = slice(step * i, step * (i + 1))
         target.put(c, back.get(c))
-    assert current_rss() - before < 48 * MiB, "restoring mapped the state file into RSS"
+    assert current_rss() - before < bound, "restoring mapped the state file into RSS"
     for i in range(shape[0] // step):
         assert torch.equal(target.get(slice(step * i, step * (i + 1))), piece(i))
     with pytest.raises(RuntimeError, match="read-only"):
