@@ -226,11 +226,11 @@ def recipe_tables(results: dict, meta: dict) -> str:
         if r is None:
             return ""
         loss = "" if r.get("calib_loss") is None else f"{r['calib_loss']:.3g}, "
-        rss = "" if r.get("peak_rss") is None else f", {r['peak_rss'] / 2**30:.2f} GiB"
-        return f"{loss}{r['seconds']:.0f} s{rss}"
+        return f"{loss}{r['seconds']:.0f} s"
 
     out += _table("Seed 0: calibration loss (geometric mean over sub-blocks of the output error against the dense "
-                  "sub-block), prune time and peak RSS.", ["configuration", *PATTERNS],
+                  "sub-block) and prune time (in-process; peak memory per run: tools/experiments/recipe_cost.py).",
+                  ["configuration", *PATTERNS],
                   [[c, *(cost(c, p) for p in PATTERNS)] for c in configs])
     return "\n".join(out)
 
@@ -378,12 +378,16 @@ def main(argv: list[str] | None = None) -> int:
         ).ppl
 
     runs = {"main": main_table, "sweep": sweep, "recipes": recipes}[args.set]()
+    def stale(name: str) -> bool:
+        """A cached result of this name made with other settings (an older default): run again, do not show."""
+        run = runs[name]
+        return run.settings is not None and name in results and results[name].get("settings") != replace(
+            run.settings, device=args.device, dtype=dtype).describe()
+
     for name, run in runs.items():
         if args.only and not re.search(args.only, name):
             continue
-        stale = run.settings is not None and name in results and results[name].get("settings") != replace(
-            run.settings, device=args.device, dtype=dtype).describe()  # the same name, other settings: run again
-        if name in results and not args.rerun and not stale:
+        if name in results and not args.rerun and not stale(name):
             print(f"{name}: {results[name]['ppl']:.2f} (cached)", flush=True)
             continue
         started = time.perf_counter()
@@ -404,7 +408,6 @@ def main(argv: list[str] | None = None) -> int:
                     "seconds": report["seconds"]["total"],
                     "recon_ratio": reconstruction_ratio(report) if settings.rebuild else None,
                     "calib_loss": calibration_loss(report),
-                    "peak_rss": report["peak_rss"],
                     "row_sparsity": report["row_sparsity"],
                     "nsamples": nsamples,
                     "seed": seed,
@@ -413,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(out, ignore_errors=True)
         print(f"{name}: {results[name]['ppl']:.2f} ({time.perf_counter() - started:.0f} s)", flush=True)
         json_path.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    ordered = {k: results[k] for k in runs if k in results}
+    ordered = {k: results[k] for k in runs if k in results and not stale(k)}
     if args.set == "recipes":
         tables = [recipe_tables(ordered, meta)]
     else:
