@@ -48,8 +48,6 @@ log = logging.getLogger(__name__)
 
 #: Tokens per forward/backward call when the micro-batch is automatic, by device type.
 AUTO_BATCH_TOKENS = {"cpu": 1024, "cuda": 8192}
-#: Bound on the per-sample weight gradients held at once in the gradient pass (at least one sample).
-GRAD_CHUNK_BYTES = 256 * 2**20
 #: Share of the memory available at start that an automatic CPU budget takes.
 AUTO_CPU_FRACTION = 0.8
 #: Automatic GPU budget: this share of the free GPU memory, capped at AUTO_GPU_CAP bytes. More buys
@@ -158,7 +156,6 @@ class MemoryPlan:
     hidden_placement: Placement
     micro_batch: int  # samples per forward/backward call
     prefetch: bool  # the next block is read while this one computes
-    grad_chunk_bytes: int
     cpu_budget: int
     cpu_budget_source: str  # given or auto
     gpu_budget: int | None
@@ -194,14 +191,15 @@ def _per_sample_activation_bytes(sh: ModelShapes, seqlen: int, compute_bytes: in
     return int(ACTIVATION_SLACK * max(grad, forward))
 
 
-def _block_bytes(sh: ModelShapes, compute_bytes: int, sparsegpt: bool, micro_batch: int) -> dict[str, int]:
+def _block_bytes(sh: ModelShapes, compute_bytes: int, sparsegpt: bool) -> dict[str, int]:
     """Byte estimates of one block on the compute device (resident and per-phase transients)."""
     c = compute_bytes
     numel = {n: o * i for n, (o, i) in sh.linears.items()}
     lin = sum(numel.values())
     resident = sh.block_numel * c + lin * c + lin  # dense, masked copy, bool masks
     if sparsegpt:
-        resident += lin * c + sum(4 * i * i for _, i in sh.linears.values())  # updated weights, X^T X
+        # updated weights, X^T X (once per input; counted per linear, which covers the sums' group partials)
+        resident += lin * c + sum(4 * i * i for _, i in sh.linears.values())
     largest = max(numel.values())
     # Initial selection: the float32 score of one linear and the selector's scratch (about 2x).
     select = 3 * 4 * largest
@@ -211,9 +209,9 @@ def _block_bytes(sh: ModelShapes, compute_bytes: int, sparsegpt: bool, micro_bat
         sub = sum(numel[n] for n in names)
         big = max(numel[n] for n in names)
         copies = 0 if c == 4 else 2 * 4 * sub  # float32 dense and sparse copies
-        step = min(max(1, GRAD_CHUNK_BYTES // (4 * big)), micro_batch)  # samples of per-sample gradients at once
-        chunk = step * 4 * big + (4 * big if step > 1 else 0)  # the squared gradients and their sum over samples
-        gradient = max(gradient, copies + 4 * sub + chunk - freed)
+        # Per linear the order-fixed sum of squared gradients and its group's partial (barber.fold), and one
+        # sample's squared gradient at a time.
+        gradient = max(gradient, copies + 2 * 4 * sub + 4 * big - freed)
         # Scores (A dropped as scored), new masks and scoring scratch, less the masked weights dropped meanwhile.
         rebuild = max(rebuild, 4 * sub + sub + 3 * 4 * big - freed - sub * c)
         freed += sub * c * (2 if sparsegpt else 1)
@@ -264,7 +262,7 @@ class _Sizes:
 def _estimate(z: _Sizes, placement: Placement, prefetch: bool, mb: int) -> dict[str, int]:
     """Named byte estimates of one configuration; peak_cpu (and on a GPU run peak_gpu) are the totals."""
     sh, c = z.shapes, z.compute_bytes
-    block = _block_bytes(sh, c, z.sparsegpt, mb)
+    block = _block_bytes(sh, c, z.sparsegpt)
     work = block["block_resident"] + max(block["select"], block["gradient_pass"], block["rebuild"]) + z.extra_block
     staging = 2 * mb * z.seqlen * sh.hidden * c  # one micro-batch read from / written to a buffer
     prefetch_bytes = sh.block_stored_bytes if prefetch else 0
@@ -359,7 +357,7 @@ def plan_memory(
             est = _estimate(z, placement, prefetch, mb)
             if est["peak_cpu"] <= cpu and (not on_gpu or est["peak_gpu"] <= gpu):
                 plan = MemoryPlan(
-                    kind, placement, mb, prefetch, GRAD_CHUNK_BYTES, cpu, cpu_source, gpu, gpu_source, est
+                    kind, placement, mb, prefetch, cpu, cpu_source, gpu, gpu_source, est
                 )
                 log.info("%s", plan.summary())
                 return plan

@@ -77,6 +77,13 @@ class OutputError(BarberError):
     summary = "the output cannot be written (no space left, permissions); the run stays resumable"
 
 
+class DistributedError(BarberError):
+    """A data-parallel run lost a rank (it failed, was killed, or stopped answering within the timeout)."""
+
+    exit_code = 6
+    summary = "a data-parallel run lost a rank (failed, killed or silent past --dist-timeout); the run stays resumable"
+
+
 class StateError(BarberError):
     """A saved state cannot be read or is inconsistent (the caller adds what to do about it).
 

@@ -1,9 +1,9 @@
 """Initial masks: the block's calibration statistics, and a table from `InitMethod` to a selection.
 
 `collect_stats` runs the dense block once over the calibration hidden states (the sparse
-trajectory) and records every linear's input statistics as sums over samples (all-reducible):
-the squared norm of each input column (Wanda) and, where asked, X^T X (SparseGPT, and the
-reconstruction's per-linear Hessian). `INITIAL[method](weights, stats, settings)` turns a block's
+trajectory) and records every linear's input statistics as order-fixed sums over samples
+(`barber.fold`): the squared norm of each input column (Wanda) and, where asked, X^T X (SparseGPT,
+and the reconstruction's per-linear Hessian). `INITIAL[method](weights, stats, settings)` turns a block's
 dense weights into (the weights the masks apply to, the kept masks); only SparseGPT changes the
 weights. The math itself is in `barber.prune`.
 """
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from barber import prune
+from barber.fold import Chunk, Fold
 from barber.model import Arch, Positions
 from barber.prune import InitMethod
 from barber.settings import PruneSettings
@@ -26,41 +27,71 @@ Tensors = dict[str, torch.Tensor]
 
 
 class Stats:
-    """Per-linear input statistics as sums over samples (all-reducible): x^2 per column, X^T X."""
+    """Per-linear input statistics as order-fixed sums over samples (`barber.fold`): x^2 per column, X^T X.
 
-    def __init__(self, hessian: bool):
+    Linears that read the same tensor (q/k/v, gate/up) share one sum, so X^T X exists once per
+    input. After `finish`, `sq` (float64) and `xtx` (float32) map every linear to its sum on
+    rank 0; they are empty on other ranks.
+    """
+
+    def __init__(self, hessian: bool, new_fold: Callable[[], Fold]):
         self.hessian = hessian
+        self._new_fold = new_fold
+        self._key: dict[str, str] = {}  # linear -> the first linear that reads its input
+        self._sq: dict[str, Fold] = {}
+        self._xtx: dict[str, Fold] = {}
         self.sq: Tensors = {}
         self.xtx: Tensors = {}
         self.samples = 0
 
-    def linear(self, w: Tensors) -> Callable[[str, torch.Tensor], torch.Tensor]:
-        """A `linear(name, x)` for `Arch` that records x before applying the dense layer."""
+    def linear(self, w: Tensors, chunk: Chunk) -> Callable[[str, torch.Tensor], torch.Tensor]:
+        """A `linear(name, x)` for `Arch` that records x (micro-batch `chunk`) before applying the dense layer."""
 
-        last: list = [None, None, None]  # (input, its x^2 sum, its X^T X): q/k/v and gate/up share an input
+        last: list = [None, None]  # (input, its key): q/k/v and gate/up share an input
 
         def record(name: str, x: torch.Tensor) -> torch.Tensor:
             if last[0] is not x:
-                flat = x.detach().reshape(-1, x.shape[-1]).float()
-                last[:] = [x, (flat * flat).sum(0), flat.T @ flat if self.hessian else None]
-            _, sq, xtx = last
-            self.sq[name] = self.sq[name] + sq if name in self.sq else sq
-            if self.hessian:
-                self.xtx[name] = self.xtx[name] + xtx if name in self.xtx else xtx
+                last[:] = [x, name]
+                self._record(name, x.detach(), chunk)
+            self._key[name] = last[1]
             return F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
 
         return record
 
+    def _record(self, key: str, x: torch.Tensor, chunk: Chunk) -> None:
+        """Fold each sample's sum of x^2 per column (float64) and X^T X (float32) into the sums of `key`."""
+        if key not in self._sq:
+            self._sq[key] = self._new_fold()
+            if self.hessian:
+                self._xtx[key] = self._new_fold()
+        for j, s in enumerate(chunk.samples):
+            xs = x[j].reshape(-1, x.shape[-1]).float()
+            xd = xs.double()
+            self._sq[key].add(s, (xd * xd).sum(0))
+            if self.hessian:
+                self._xtx[key].addmm(s, xs.T, xs)
+
+    def finish(self, nsamples: int) -> None:
+        """Close the sums (rank 0 receives the other ranks' last groups): `sq` and `xtx` per linear."""
+        self.samples = nsamples
+        sq = {k: f.result() for k, f in self._sq.items()}
+        xtx = {k: f.result() for k, f in self._xtx.items()}
+        self._sq, self._xtx = {}, {}
+        if next(iter(sq.values()), None) is None:  # another rank's
+            return
+        self.sq = {n: sq[k] for n, k in self._key.items()}
+        if self.hessian:
+            self.xtx = {n: xtx[k] for n, k in self._key.items()}
+
 
 def collect_stats(arch: Arch, dense: Tensors, states, pos: Positions, hessian: bool) -> Stats:
     """One dense forward of the block over the trajectory of `states` (a `HiddenStates`), recording stats."""
-    stats = Stats(hessian=hessian)
-    linear = stats.linear(dense)
+    stats = Stats(hessian, states.fold)
     hidden = states.trajectory
     with torch.no_grad():
         for c in states.chunks():
-            arch.block_forward(hidden.get(c), dense, pos, linear)
-    stats.samples = hidden.shape[0]
+            arch.block_forward(hidden.get(c.rows), dense, pos, stats.linear(dense, c))
+    stats.finish(states.nsamples)
     return stats
 
 

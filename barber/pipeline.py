@@ -41,12 +41,14 @@ from pathlib import Path
 
 import torch
 
-from barber import prune, reconstruct
+from barber import ops, prune, reconstruct
 from barber.budget import MemoryBudget
 from barber.buffers import HiddenBuffer
 from barber.checkpoint import Checkpoint
+from barber.distributed import World
 from barber.initial import INITIAL, Stats, collect_stats, initial_masks
 from barber.model import Arch, Positions, SubBlock
+from barber.prune import InitMethod
 from barber.rebuild import gradient_pass, rebuild_subblock
 from barber.report import BlockReport, LayerStats, SubblockReport
 from barber.residency import HiddenStates
@@ -112,6 +114,8 @@ class Pruner:
         progress: show tqdm bars over samples in the gradient pass.
         budget: memory budgets and forced choices (default: automatic, see `barber.budget`).
         work_dir: where disk-backed hidden states go (default: the system's temporary directory).
+        world: this process's rank in a data-parallel run (default: a single process); rank 0
+            decides the masks and weights, every rank advances its own samples.
     """
 
     def __init__(
@@ -122,8 +126,10 @@ class Pruner:
         *,
         budget: MemoryBudget | None = None,
         work_dir: Path | None = None,
+        world: World | None = None,
     ):
         self.ckpt = ckpt
+        self.world = world or World.solo()
         self.settings = settings
         self.arch = Arch.from_checkpoint(ckpt)
         self.linears = ckpt.family.linears
@@ -137,7 +143,8 @@ class Pruner:
         if self.states is None:
             extra = reconstruct.plan_bytes(self.ckpt.family.block_shapes(self.ckpt.config), self.linears, self.settings)
             self.states = HiddenStates(
-                self.ckpt, self.settings, nsamples, seqlen, self.budget, self.work_dir, extra_block_bytes=extra
+                self.ckpt, self.settings, nsamples, seqlen, self.budget, self.work_dir, extra_block_bytes=extra,
+                world=self.world,
             )
         return self.states
 
@@ -152,14 +159,14 @@ class Pruner:
             self.states.close()
 
     def start(self, calib_ids: torch.Tensor) -> BlockState:
-        """Embed the calibration windows [N, T]: the state before block 0."""
+        """Embed the calibration windows [N, T] (this rank's): the state before block 0."""
         s = self.settings
         states = self.prepare(calib_ids.shape[0], calib_ids.shape[1])
         states.prefetch.ahead(0)
         w = self.ckpt.embedding_weights(dtype=s.dtype, device=s.device)
         hidden = states.new_trajectory(self.ckpt.config.hidden_size)
         for c in states.chunks():
-            hidden.put(c, self.arch.embed(calib_ids[c].to(s.device), w))
+            hidden.put(c.rows, self.arch.embed(calib_ids[c.first : c.first + len(c.samples)].to(s.device), w))
         del w
         release_free_memory()
         return BlockState(0, hidden)
@@ -167,7 +174,7 @@ class Pruner:
     def run_block(self, state: BlockState, write: Writer) -> BlockState:
         """Prune block `state.next_block`, hand its pruned linears to `write`, return the next state."""
         s, i = self.settings, state.next_block
-        states = self.prepare(state.hidden.shape[0], state.hidden.shape[1])
+        states = self.prepare(self.states.nsamples if self.states else state.hidden.shape[0], state.hidden.shape[1])
         hidden = states.adopt(state.hidden)
         times: dict[str, float] = {}
         with phase(times, "read"):
@@ -187,16 +194,23 @@ class Pruner:
     def _prune_block(
         self, i: int, dense: Tensors, pos: Positions, write: Writer, times: dict[str, float]
     ) -> BlockReport:
-        """Statistics, initial masks, then per sub-block rebuild, re-fit and advance; write: block i's report."""
-        s, states = self.settings, self.states
+        """Statistics, initial masks, then per sub-block rebuild, re-fit and advance; write: block i's report.
+
+        Only rank 0 (`World.decides`) selects, rebuilds, solves, writes and reports; the other
+        ranks receive its weights (`_share`) and advance their own samples.
+        """
+        s, states, world = self.settings, self.states, self.world
         needs_stats, needs_xtx, _ = INITIAL[s.init]
         hessian = needs_xtx or s.reconstruct is Reconstruct.LAYER
         with phase(times, "stats"):
             stats = collect_stats(self.arch, dense, states, pos, hessian) if needs_stats or hessian else None
-        with phase(times, "select"):
-            init_weights, masks = initial_masks({n: dense[n + ".weight"] for n in self.linears}, stats, s)
         weights = dict(dense)
-        weights.update({n + ".weight": prune.apply_mask(init_weights[n], masks[n]) for n in self.linears})
+        init_weights, masks = {}, {}
+        with phase(times, "select"):
+            if world.decides:
+                init_weights, masks = initial_masks({n: dense[n + ".weight"] for n in self.linears}, stats, s)
+                weights.update({n + ".weight": prune.apply_mask(init_weights[n], masks[n]) for n in self.linears})
+            self._share(self.linears, weights, masks, dense, values=s.init is InitMethod.SPARSEGPT)
         subblocks = []
         if s.rebuild or s.reconstruct is not Reconstruct.NONE:
             for sub in self.arch.subblocks():
@@ -205,10 +219,11 @@ class Pruner:
             with phase(times, "forward"), torch.no_grad():
                 hidden = states.trajectory
                 for c in states.chunks():
-                    hidden.put(c, self.arch.block_forward(hidden.get(c), weights, pos))
-        with phase(times, "write"):
-            write(i, {n: weights[n + ".weight"] for n in self.linears})
-        layers = {n: _mask_stats(masks[n]) for n in self.linears}
+                    hidden.put(c.rows, self.arch.block_forward(hidden.get(c.rows), weights, pos))
+        if world.decides:
+            with phase(times, "write"):
+                write(i, {n: weights[n + ".weight"] for n in self.linears})
+        layers = {n: _mask_stats(masks[n]) for n in self.linears} if world.decides else {}
         peak_gpu = torch.cuda.max_memory_allocated() if torch.device(s.device).type == "cuda" else None
         return BlockReport(i, layers, subblocks, times, peak_rss(), peak_gpu)
 
@@ -224,14 +239,17 @@ class Pruner:
         times: dict[str, float],
     ) -> SubblockReport:
         """Rebuild, re-fit and advance one sub-block (`weights`, `masks` in place): its report."""
-        s, states = self.settings, self.states
+        s, states, world = self.settings, self.states, self.world
         loss_before, swaps, refit = None, {}, None
         if s.rebuild:
             with phase(times, "gradient"):
                 grad_sq, loss_before = gradient_pass(sub, dense, weights, states, pos, self.progress)
             with phase(times, "rebuild"):
-                n = states.trajectory.shape[0]
-                swaps = rebuild_subblock(sub, dense, init_weights, weights, masks, grad_sq, n, s)
+                if world.decides:
+                    swaps = rebuild_subblock(sub, dense, init_weights, weights, masks, grad_sq, states.nsamples, s)
+                del grad_sq
+                values = s.init is InitMethod.SPARSEGPT and s.retain_reconstruction
+                self._share(sub.names, weights, masks, dense, values=values)
         if s.reconstruct is not Reconstruct.NONE:
             with phase(times, "reconstruct"):
                 refit = reconstruct.refit_subblock(sub, dense, weights, masks, stats, states, pos)
@@ -239,20 +257,45 @@ class Pruner:
             loss_after = self._advance(sub, weights, None if s.rebuild else dense, pos)
         for n in sub.names:  # past its sub-block, a linear needs only its pruned weights and mask
             dense.pop(n + ".weight")
-            init_weights.pop(n)
+            init_weights.pop(n, None)
         return SubblockReport(sub.kind, loss_after, loss_before, swaps, refit)
 
-    def _advance(self, sub: SubBlock, weights: Tensors, dense: Tensors | None, pos: Positions) -> float:
+    def _share(self, names: tuple[str, ...], weights: Tensors, masks: Tensors, dense: Tensors, values: bool) -> None:
+        """Rank 0's pruned weights of `names` on every rank (nothing to do for a single process).
+
+        When they are the dense weights masked (`values` False) only the masks travel, bit-packed
+        (1 bit per weight), and the other ranks mask their dense copy the same way; otherwise (SparseGPT's
+        updates, a re-fit) the weights themselves, in the compute dtype.
+        """
+        world = self.world
+        if not world.distributed:
+            return
+        if values:
+            world.share_weights(weights, [n + ".weight" for n in names], dense)
+            return
+        for n in names:
+            w = dense[n + ".weight"]
+            if world.decides:
+                world.broadcast(ops.pack_bitmask(masks[n]))
+            else:
+                bits = world.broadcast(torch.empty((w.shape[0], (w.shape[1] + 7) // 8), dtype=torch.uint8,
+                                                   device=w.device))
+                weights[n + ".weight"] = prune.apply_mask(w, ops.unpack_bitmask(bits, w.shape[1]))
+
+    def _advance(self, sub: SubBlock, weights: Tensors, dense: Tensors | None, pos: Positions) -> float | None:
         """h <- the sparse sub-block's output; returns its mean squared error against the dense sub-block
-        (the gradient pass's outputs in the scratch buffer, or, given `dense`, computed here)."""
+        (the gradient pass's outputs in the scratch buffer, or, given `dense`, computed here), an
+        order-fixed mean over samples, on rank 0 (None on other ranks)."""
         states = self.states
         hidden, ref = states.trajectory, (states.scratch() if dense is None else None)
-        loss = 0.0
+        loss = states.fold()
         with torch.no_grad():
             for c in states.chunks():
-                h = hidden.get(c)
+                h = hidden.get(c.rows)
                 y = sub.core(sub.input(h, weights), weights, pos)
-                y_dense = ref.get(c) if ref is not None else sub.core(sub.input(h, dense), dense, pos)
-                loss += float(((y.float() - y_dense.float()) ** 2).mean(dim=(1, 2)).sum())
-                hidden.put(c, sub.residual(h, y, weights))
-        return loss / hidden.shape[0]
+                y_dense = ref.get(c.rows) if ref is not None else sub.core(sub.input(h, dense), dense, pos)
+                for j, s in enumerate(c.samples):
+                    loss.add(s, ((y[j].float() - y_dense[j].float()) ** 2).mean().double())
+                hidden.put(c.rows, sub.residual(h, y, weights))
+        total = loss.result()
+        return None if total is None else float(total) / states.nsamples

@@ -1,12 +1,13 @@
 """The Barber rebuild of one sub-block: the gradient pass, then the mask rebuild (docs/algorithm.md §4).
 
-`gradient_pass` computes, at the dense weights and in float32, A = sum over samples of the squared
-per-sample gradient of the sub-block reconstruction loss, whose target is the current sparse
-sub-block output on the sparse-trajectory input; it also stores the dense sub-block outputs (the
-reference for the reported losses) in the scratch buffer. `rebuild_subblock` scores every weight
-(|W|*sqrt(A), |W| or sqrt(A)), swaps pruned and kept weights within the chosen groups and
-re-applies the masks. Memory is bounded by dropping, by name, what is no longer needed: the float32
-copies after the pass, the masked weights before the scores exist, each A as soon as it is scored.
+`gradient_pass` computes, at the dense weights and in float32, A = the order-fixed sum over
+samples (`barber.fold`) of the squared per-sample gradient of the sub-block reconstruction loss,
+whose target is the current sparse sub-block output on the sparse-trajectory input; it also
+stores the dense sub-block outputs (the reference for the reported losses) in the scratch buffer.
+`rebuild_subblock` scores every weight (|W|*sqrt(A), |W| or sqrt(A)), swaps pruned and kept
+weights within the chosen groups and re-applies the masks. Memory is bounded by dropping, by name,
+what is no longer needed: the float32 copies after the pass, the masked weights before the scores
+exist, each A as soon as it is scored.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from barber import prune
-from barber.budget import GRAD_CHUNK_BYTES
+from barber.fold import Fold
 from barber.model import Positions, SubBlock
 from barber.settings import PruneSettings
 
@@ -34,19 +35,20 @@ def per_sample_grad_sq(
     weights: Tensors,
     pos: Positions,
     names: tuple[str, ...],
-    grad_sq: Tensors,
-    chunk_bytes: int = GRAD_CHUNK_BYTES,
+    folds: dict[str, Fold],
+    samples: range,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Add sum_n (dL_n/dW)^2 of every linear in `names` to `grad_sq`, for a batch of samples.
+    """Fold (dL_n/dW)^2 of every linear in `names` into `folds`, for a micro-batch of samples `samples`.
 
     L_n is the mean squared error of sample n's sub-block output at `weights` against its
     target. One batched forward and backward give each linear's per-sample output gradient
-    delta_n; the per-sample weight gradient is delta_n^T x_n (x_n the linear's input), so
-    no weight gradient summed over samples is ever formed and inputs need no gradient.
-    At most `chunk_bytes` of per-sample gradients (at least one sample's) exist at once.
+    delta_n; the per-sample weight gradient is delta_n^T x_n (x_n the linear's input), one sample
+    at a time, so no weight gradient summed over samples is ever formed and inputs need no
+    gradient. Each sample's square goes into its linear's order-fixed sum (`barber.fold`).
 
     Returns:
-        (the sub-block output at `weights` [B, T, d], detached; the per-sample losses [B]).
+        (the sub-block output at `weights` [B, T, d], detached; the per-sample losses [B], float64,
+        each a reduction over that sample alone).
     """
     leaves = {n: weights[n + ".weight"].detach().requires_grad_(True) for n in names}
     inputs: Tensors = {}
@@ -60,49 +62,54 @@ def per_sample_grad_sq(
         return y
 
     y = core(x, weights, pos, linear)
-    losses = ((y - target) ** 2).mean(dim=(1, 2))
-    deltas = torch.autograd.grad(losses.sum(), [outputs[n] for n in names])
+    deltas = torch.autograd.grad(((y - target) ** 2).mean(dim=(1, 2)).sum(), [outputs[n] for n in names])
     for n, delta in zip(names, deltas):
         xin = inputs[n]
         delta_t = delta.reshape(delta.shape[0], -1, delta.shape[-1]).transpose(1, 2)  # [B, out, T]
         xin = xin.reshape(xin.shape[0], -1, xin.shape[-1])  # [B, T, in]
-        step = max(1, chunk_bytes // (grad_sq[n].numel() * 4))
-        for b in range(0, x.shape[0], step):
-            g = torch.bmm(delta_t[b : b + step], xin[b : b + step]).square_()  # squared per-sample gradients
-            grad_sq[n].add_(g[0] if g.shape[0] == 1 else g.sum(0))  # a sum over one sample is that sample, exactly
-    return y.detach(), losses.detach()
+        for j, s in enumerate(samples):
+            folds[n].add(s, torch.mm(delta_t[j], xin[j]).square_())  # sample s's squared gradient
+    y = y.detach()
+    losses = torch.stack([((y[j] - target[j]) ** 2).mean() for j in range(y.shape[0])]).double()
+    return y, losses
 
 
 def gradient_pass(
     sub: SubBlock, dense: Tensors, weights: Tensors, states, pos: Positions, progress: bool
-) -> tuple[Tensors, float]:
+) -> tuple[Tensors | None, float | None]:
     """A = sum_n (dL_n/dW)^2 at the dense weights for every linear of `sub`, and the mean loss before.
 
     `weights` holds the current (masked) weights; the dense sub-block outputs go to
     `states.scratch()`. Afterwards the masked weights of `sub` are dropped from `weights`: the
-    rebuild replaces them, and dropping them now bounds its peak.
+    rebuild replaces them, and dropping them now bounds its peak. Both results are order-fixed
+    sums (`barber.fold`), on rank 0; other ranks get (None, None).
     """
     names, dtype = sub.names, states.settings.dtype
     own = [k for k in dense if k.rsplit(".", 1)[0] in names]  # the sub-block's weights and biases
     dense32 = {k: dense[k].detach().float() for k in own}  # detached: no grad flag leaks into `dense`
     sparse32 = {k: weights[k].float() for k in own}
-    grad_sq = {n: torch.zeros_like(dense32[n + ".weight"]) for n in names}
+    folds = {n: states.fold() for n in names}
+    loss_fold = states.fold()
     hidden, dense_out = states.trajectory, states.scratch()
-    loss_before = 0.0
     bar = tqdm(total=hidden.shape[0], desc=f"  {sub.kind} gradients", leave=False, unit="sample", disable=not progress)
     for c in states.chunks():
         with torch.no_grad():
-            x = sub.input(hidden.get(c), weights).float()
+            x = sub.input(hidden.get(c.rows), weights).float()
             target = sub.core(x, sparse32, pos)
-        y, losses = per_sample_grad_sq(sub.core, x, target, dense32, pos, names, grad_sq, states.plan.grad_chunk_bytes)
-        dense_out.put(c, y.to(dtype))
-        loss_before += float(losses.sum())
-        bar.update(c.stop - c.start)
+        y, losses = per_sample_grad_sq(sub.core, x, target, dense32, pos, names, folds, c.samples)
+        dense_out.put(c.rows, y.to(dtype))
+        for j, s in enumerate(c.samples):
+            loss_fold.add(s, losses[j].clone())
+        bar.update(c.rows.stop - c.rows.start)
     bar.close()
     del dense32, sparse32
     for n in names:
         del weights[n + ".weight"]
-    return grad_sq, loss_before / hidden.shape[0]
+    grad_sq = {n: folds[n].result() for n in names}
+    loss = loss_fold.result()
+    if loss is None:  # another rank's
+        return None, None
+    return grad_sq, float(loss) / states.nsamples
 
 
 def rebuild_subblock(

@@ -5,8 +5,9 @@ For one linear with dense weight W_d [out, in] and kept mask M, the re-fit solve
     min over w_r supported on K_r of  sum_t (w_r . x_t - y_rt)^2 + lam * ||w_r - w_d,r||^2
 
 where x_t are the linear's calibration inputs on the sparse trajectory, y_t its targets and
-lam = damp * mean(diag(H)). With H = sum_t x_t x_t^T and B = sum_t y_t x_t^T (both sums over
-samples, so a data-parallel run can all-reduce them) the normal equations of row r are
+lam = damp * mean(diag(H)). With H = sum_t x_t x_t^T and B = sum_t y_t x_t^T (order-fixed sums
+over samples, `barber.fold`, so any number of ranks gives the same bits) the normal equations of
+row r are
 
     (H + lam I)[K_r, K_r] w = (B + lam W_d)[r, K_r].
 
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from barber import prune
+from barber.fold import Chunk
 from barber.model import Positions, SubBlock
 from barber.settings import PruneSettings, Reconstruct
 
@@ -140,22 +142,22 @@ def _objective(w: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, targ
 
 
 def _inputs(states, sub: SubBlock, weights: Tensors, dense: Tensors, pos: Positions, group: tuple[str, ...]
-            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(sparse input, dense input) of `group` for every micro-batch, flattened to [tokens, in], float32."""
+            ) -> Iterator[tuple[Chunk, torch.Tensor, torch.Tensor]]:
+    """(micro-batch, sparse input, dense input) of `group` for every micro-batch, [B, T, in] float32."""
     hidden = states.trajectory
     first = stages(sub)[0]
     with torch.no_grad():
         for c in states.chunks():
-            x = sub.input(hidden.get(c), weights)
+            x = sub.input(hidden.get(c.rows), weights)
             if group == first:  # the sub-block's input: the same for the sparse and the dense sub-block
-                flat = x.reshape(-1, x.shape[-1]).float()
-                yield flat, flat
+                x = x.float()
+                yield c, x, x
                 continue
-            yield _recorded(sub, x, weights, pos, group[0]), _recorded(sub, x, dense, pos, group[0])
+            yield c, _recorded(sub, x, weights, pos, group[0]), _recorded(sub, x, dense, pos, group[0])
 
 
 def _recorded(sub: SubBlock, x: torch.Tensor, w: Tensors, pos: Positions, name: str) -> torch.Tensor:
-    """The input of linear `name` when the sub-block core runs on `x` with weights `w`, as [tokens, in]."""
+    """The input of linear `name` when the sub-block core runs on `x` with weights `w`, as [B, T, in] float32."""
     seen: list[torch.Tensor] = []
 
     def linear(n: str, xin: torch.Tensor) -> torch.Tensor:
@@ -164,63 +166,82 @@ def _recorded(sub: SubBlock, x: torch.Tensor, w: Tensors, pos: Positions, name: 
         return F.linear(xin, w[n + ".weight"], w.get(n + ".bias"))
 
     sub.core(x, w, pos, linear)
-    return seen[0].reshape(-1, seen[0].shape[-1]).float()
+    return seen[0].reshape(x.shape[0], -1, seen[0].shape[-1]).float()
 
 
-def _group_statistics(states, sub, weights, dense, pos, group) -> tuple[torch.Tensor, torch.Tensor, Tensors, dict]:
+def _group_statistics(states, sub, weights, dense, pos, group) -> tuple | None:
     """H = sum X_s^T X_s of the group's input, diag(sum X_d^T X_s), and per linear B = sum Y_d^T X_s
-    and sum ||Y_d||^2 (for the sub-block's first group X_d = X_s, so B = W_d H, without the outputs)."""
+    and sum ||Y_d||^2 (for the sub-block's first group X_d = X_s, so B = W_d H, without the outputs).
+
+    Every sum is order-fixed (`barber.fold`), one sample at a time; the result exists on rank 0
+    (None on other ranks).
+    """
     first = group == stages(sub)[0]
-    hessian, cross_diag, cross, target_sq = None, None, {}, {}
-    for xs, xd in _inputs(states, sub, weights, dense, pos, group):
-        h = xs.T @ xs
-        hessian = h if hessian is None else hessian + h
-        if first:
-            continue
-        c = (xd * xs).sum(0)
-        cross_diag = c if cross_diag is None else cross_diag + c
-        for n in group:
-            y = xd @ dense[n + ".weight"].float().T
-            b = y.T @ xs
-            cross[n] = cross[n] + b if n in cross else b
-            target_sq[n] = target_sq.get(n, 0.0) + float((y * y).sum())
+    hessian = states.fold()
+    if not first:
+        cross_diag = states.fold()
+        cross, target_sq = {n: states.fold() for n in group}, {n: states.fold() for n in group}
+    for c, xs, xd in _inputs(states, sub, weights, dense, pos, group):
+        for j, s in enumerate(c.samples):
+            a = xs[j].reshape(-1, xs.shape[-1])
+            hessian.addmm(s, a.T, a)
+            if first:
+                continue
+            b = xd[j].reshape(-1, xd.shape[-1])
+            cross_diag.add(s, (b.double() * a.double()).sum(0))
+            for n in group:
+                y = b @ dense[n + ".weight"].float().T
+                cross[n].addmm(s, y.T, a)
+                target_sq[n].add(s, (y.double() * y.double()).sum())
+    hessian = hessian.result()
     if first:
-        cross_diag = torch.diagonal(hessian)
-        for n in group:
-            wd = dense[n + ".weight"].float()
-            cross[n] = wd @ hessian
-            target_sq[n] = float((cross[n] * wd).sum())
-    return hessian, cross_diag, cross, target_sq
+        if hessian is None:
+            return None
+        cross = {n: dense[n + ".weight"].float() @ hessian for n in group}
+        target_sq = {n: float((cross[n] * dense[n + ".weight"].float()).sum()) for n in group}
+        return hessian, torch.diagonal(hessian), cross, target_sq
+    cross_diag = cross_diag.result()
+    cross = {n: f.result() for n, f in cross.items()}
+    target_sq = {n: f.result() for n, f in target_sq.items()}
+    if hessian is None:
+        return None
+    return hessian, cross_diag.float(), cross, {n: float(t) for n, t in target_sq.items()}
 
 
 def refit_subblock(
     sub: SubBlock, dense: Tensors, weights: Tensors, masks: Tensors, stats, states, pos: Positions
-) -> dict:
+) -> dict | None:
     """Re-fit every linear of `sub` in `weights` (in place) on its mask; returns the fit errors.
 
     The report gives, per linear, the calibration error sum_t ||w x_t - y_t||^2 relative to
     sum_t ||y_t||^2 before and after the re-fit (on that linear's own inputs and targets).
-    `stats` (with X^T X) is used, and its Hessians dropped, in ``layer`` mode.
+    `stats` (with X^T X) is used, and its Hessians dropped, in ``layer`` mode. Rank 0 solves and
+    broadcasts each group's weights before the next group's statistics; other ranks return None.
     """
-    settings = states.settings
+    settings, world = states.settings, states.world
     errors = {}
     if settings.reconstruct is Reconstruct.LAYER:
-        for n in sub.names:
-            hessian = stats.xtx.pop(n)
-            wd = dense[n + ".weight"].float()
-            cross = wd @ hessian
-            target_sq = float((cross * wd).sum())
-            diag = torch.diagonal(hessian)
-            errors[n] = _refit_one(n, dense, weights, masks, hessian, diag, cross, target_sq, settings)
-        return {"relative_error": errors}
+        if world.decides:
+            for n in sub.names:
+                hessian = stats.xtx.pop(n)
+                wd = dense[n + ".weight"].float()
+                cross = wd @ hessian
+                target_sq = float((cross * wd).sum())
+                diag = torch.diagonal(hessian)
+                errors[n] = _refit_one(n, dense, weights, masks, hessian, diag, cross, target_sq, settings)
+        world.share_weights(weights, [n + ".weight" for n in sub.names], dense)
+        return {"relative_error": errors} if world.decides else None
     for group in stages(sub):
-        hessian, cross_diag, cross, target_sq = _group_statistics(states, sub, weights, dense, pos, group)
-        for n in group:
-            errors[n] = _refit_one(
-                n, dense, weights, masks, hessian, cross_diag, cross.pop(n), target_sq[n], settings
-            )
-        del hessian
-    return {"relative_error": errors}
+        statistics = _group_statistics(states, sub, weights, dense, pos, group)
+        if statistics is not None:
+            hessian, cross_diag, cross, target_sq = statistics
+            for n in group:
+                errors[n] = _refit_one(
+                    n, dense, weights, masks, hessian, cross_diag, cross.pop(n), target_sq[n], settings
+                )
+            del hessian, statistics
+        world.share_weights(weights, [n + ".weight" for n in group], dense)
+    return {"relative_error": errors} if world.decides else None
 
 
 def _refit_one(n, dense, weights, masks, hessian, cross_diag, cross, target_sq, settings) -> list[float]:

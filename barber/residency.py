@@ -1,10 +1,12 @@
 """Where the calibration hidden states live while a checkpoint is pruned: `HiddenStates`.
 
 One object owns the memory plan (`barber.budget.plan_memory`), made once when the calibration size
-is known, and everything the plan places: the trajectory buffer `h` [N, T, d] (the sparse
-trajectory entering the next block), one scratch buffer of the same shape (the gradient pass's
-dense sub-block outputs), the micro-batches they are read and written in, and the background
-reader of the next block. Placement and prefetch never change a value.
+is known, and everything the plan places: the trajectory buffer `h` [n, T, d] (the sparse
+trajectory entering the next block, for this rank's n of the N samples), one scratch buffer of the
+same shape (the gradient pass's dense sub-block outputs), the micro-batches they are read and
+written in, and the background reader of the next block. It also knows which samples are this
+rank's (`barber.fold.SampleGroups`) and makes the order-fixed sums over them (`fold`). Placement,
+prefetch and the micro-batch never change a value.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import torch
 from barber.budget import MemoryBudget, MemoryPlan, model_shapes, plan_memory
 from barber.buffers import HiddenBuffer, Placement
 from barber.checkpoint import BlockPrefetcher
+from barber.distributed import World
+from barber.errors import UsageError
+from barber.fold import Chunk, Fold, SampleGroups
 from barber.prune import InitMethod
 from barber.settings import PruneSettings
 from barber.sysmem import current_rss, peak_rss
@@ -39,12 +44,15 @@ class HiddenStates:
 
     Args:
         ckpt: the opened input checkpoint (shapes for the plan; blocks for the prefetcher).
-        settings: device, dtype, micro-batch wish and initial method.
+        settings: device, dtype, micro-batch wish, sample groups and initial method.
+        nsamples, seqlen: the calibration set (all ranks' samples).
         budget: memory budgets and forced choices.
         work_dir: where disk-backed buffers go (default: the system's temporary directory).
+        world: this process's rank (default: a single process).
 
     Raises:
         BudgetError: the budgets cannot be met (raised at construction).
+        UsageError: more ranks than sample groups.
     """
 
     def __init__(
@@ -56,12 +64,19 @@ class HiddenStates:
         budget: MemoryBudget,
         work_dir: Path | None = None,
         extra_block_bytes: int = 0,
+        world: World | None = None,
     ):
         self.settings = settings
         self.work_dir = work_dir
+        self.world = world or World.solo()
         self.nsamples, self.seqlen = nsamples, seqlen
+        try:
+            self.groups = SampleGroups(nsamples, settings.groups(nsamples), self.world.size, self.world.rank)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        self.local = len(self.groups.samples())  # this rank's samples
         self.plan: MemoryPlan = plan_memory(
-            model_shapes(ckpt), nsamples=nsamples, seqlen=seqlen, compute_dtype=settings.dtype,
+            model_shapes(ckpt), nsamples=self.local, seqlen=seqlen, compute_dtype=settings.dtype,
             device=settings.device, budget=budget, batch_size=settings.batch_size,
             sparsegpt=settings.init is InitMethod.SPARSEGPT, base_rss=current_rss(),
             extra_block_bytes=extra_block_bytes,
@@ -70,13 +85,16 @@ class HiddenStates:
         self.trajectory: HiddenBuffer | None = None
         self._scratch: HiddenBuffer | None = None
 
-    def chunks(self) -> list[slice]:
-        """The micro-batches of samples, in order."""
-        n, size = self.nsamples, self.plan.micro_batch
-        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+    def chunks(self) -> list[Chunk]:
+        """This rank's micro-batches, in sample order (`chunk.rows` of the buffers; never across two groups)."""
+        return self.groups.chunks(self.plan.micro_batch)
+
+    def fold(self) -> Fold:
+        """A new order-fixed sum over the calibration samples (`barber.fold`)."""
+        return Fold(self.groups, self.world)
 
     def shape(self, hidden: int) -> tuple[int, int, int]:
-        return (self.nsamples, self.seqlen, hidden)
+        return (self.local, self.seqlen, hidden)
 
     def buffer(self, name: str, shape: tuple[int, ...]) -> HiddenBuffer:
         """A planned buffer of hidden-state shape in the compute dtype (disk: `work_dir/<name>-<id>.bin`)."""
@@ -106,7 +124,7 @@ class HiddenStates:
         else:
             self.trajectory = self.buffer("hidden", tuple(hidden.shape))
             for c in self.chunks():
-                self.trajectory.put(c, hidden.get(c))
+                self.trajectory.put(c.rows, hidden.get(c.rows))
         return self.trajectory
 
     def scratch(self) -> HiddenBuffer:

@@ -3,7 +3,9 @@
 A library user gets the command line's checks at construction: an impossible combination raises
 `SettingsError` (a `UsageError`, exit code 2) whose `field` names the offending setting, and the
 CLI turns the field into its option name. Files, progress and memory budgets are not settings:
-they never change a value (the micro-batch, `batch_size`, can change the last bits of sums).
+they never change a value. Neither does `batch_size`, the micro-batch wish: every statistic is a
+sum in a fixed order over `sample_groups` groups of samples (`barber.fold`), whatever the micro-batch
+or the number of ranks; `fingerprinted()` leaves it out.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ class PruneSettings:
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     batch_size: int = 0  # samples per forward/backward call; 0 = automatic, within the memory budget
+    # the calibration samples' groups of the order-fixed sums (barber.fold; at most the sample count)
+    sample_groups: int = 8
     allow_tf32: bool = False  # let float32 matmuls on a GPU use TF32 (see barber.pipeline)
     reconstruct: Reconstruct = Reconstruct.NONE
     reconstruct_damp: float = 0.01  # ridge towards the dense weights, times the mean diagonal of X^T X
@@ -85,6 +89,8 @@ class PruneSettings:
             raise SettingsError("ratio", f"must be in [0, 1], got {self.ratio}")
         if self.batch_size < 0:
             raise SettingsError("batch_size", f"is too small: {self.batch_size}")
+        if self.sample_groups < 1:
+            raise SettingsError("sample_groups", f"must be at least 1, got {self.sample_groups}")
         if self.sparsegpt_blocksize < 1:
             raise SettingsError("sparsegpt_blocksize", f"must be at least 1, got {self.sparsegpt_blocksize}")
         for name in ("sparsegpt_percdamp", "reconstruct_damp"):
@@ -106,6 +112,16 @@ class PruneSettings:
         out["dtype"] = str(self.dtype).removeprefix("torch.")
         out["reconstruct"] = self.reconstruct.value
         return out
+
+    def fingerprinted(self) -> dict:
+        """`describe()` less what never changes a value (the micro-batch wish): what a resume must match."""
+        out = self.describe()
+        del out["batch_size"]
+        return out
+
+    def groups(self, nsamples: int) -> int:
+        """The sample groups of a run on `nsamples` samples: `sample_groups`, at most one per sample."""
+        return min(self.sample_groups, nsamples)
 
 
 @dataclass(frozen=True)

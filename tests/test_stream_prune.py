@@ -149,6 +149,7 @@ def test_output_loads_in_transformers_with_the_same_perplexity(tmp_path, family)
 @pytest.mark.parametrize("kind", ["attn", "mlp"])
 def test_batched_per_sample_gradients_match_autograd(tmp_path, kind):
     """sum_n (dL_n/dW)^2 from the batched pass equals one autograd backward per sample."""
+    from barber.fold import Fold, SampleGroups
     from barber.model import Arch
     from barber.rebuild import per_sample_grad_sq
 
@@ -161,8 +162,9 @@ def test_batched_per_sample_gradients_match_autograd(tmp_path, kind):
     x = torch.randn(3, SEQLEN, ckpt.config.hidden_size, generator=torch.Generator().manual_seed(0))
     sparse = {k: v * (torch.rand_like(v) > 0.5) for k, v in w.items()}
     target = core(x, sparse, pos).detach()
-    got = {n: torch.zeros_like(w[n + ".weight"]) for n in names}
-    per_sample_grad_sq(core, x, target, w, pos, names, got)
+    folds = {n: Fold(SampleGroups(3, 2)) for n in names}
+    per_sample_grad_sq(core, x, target, w, pos, names, folds, range(3))
+    got = {n: f.result() for n, f in folds.items()}
     expected = {n: torch.zeros_like(w[n + ".weight"]) for n in names}
     for b in range(3):
         leaves = {
