@@ -19,6 +19,7 @@ import torch
 from barber.budget import MemoryBudget
 from barber.calib import load_calibration
 from barber.checkpoint import Checkpoint
+from barber.distributed import World
 from barber.errors import DataError, UsageError
 from barber.evaluate import PerplexityResult, perplexity
 from barber.layout import REPORT_FILE
@@ -80,7 +81,8 @@ def prune_and_evaluate(
     should_stop: StopCheck | None = None,
     state_interval: float = 0.0,
     say: Callable[[str], None] | None = None,
-) -> RunReport:
+    world: World | None = None,
+) -> RunReport | None:
     """Prune `ckpt` into `out` calibrated on `calib`, optionally measure perplexity (long: its arguments).
 
     Args:
@@ -90,16 +92,23 @@ def prune_and_evaluate(
             report then has an "eval" section.
         budget, overwrite, resume, should_stop, state_interval: see `barber.run.prune_checkpoint`.
         say: receives one line per result as it is known (the CLI prints them).
+        world: this process's rank in a data-parallel run (`barber.distributed`; default: one
+            process). Rank 0 alone touches `out`, evaluates and says; the others only prune.
 
     Returns:
-        The run report (`RunReport.to_json()` is what `out/barber_report.json` holds).
+        The run report (`RunReport.to_json()` is what `out/barber_report.json` holds); None on
+        ranks other than 0.
 
     Raises:
         BarberError subclasses, each a one-line message (see `barber.errors`).
     """
     ckpt = ckpt if isinstance(ckpt, Checkpoint) else Checkpoint.open(ckpt)
     out = Path(out)
-    inspect_output(ckpt.path, out, overwrite=overwrite, resume=resume)  # fail before the slow parts
+    world = world or World.solo()
+    if world.decides:
+        inspect_output(ckpt.path, out, overwrite=overwrite, resume=resume)  # fail before the slow parts
+    else:
+        evaluation, say = None, None
     check_pattern_fits(ckpt, settings)
     tokenizer = load_tokenizer(ckpt.path)
     if isinstance(calib, torch.Tensor):
@@ -117,8 +126,10 @@ def prune_and_evaluate(
     report = prune_checkpoint(
         ckpt, out, settings, ids, overwrite=overwrite, resume=resume, progress=progress,
         extra_report={"calibration": {"source": source, "seed": seed}}, should_stop=should_stop, budget=budget,
-        state_interval=state_interval,
+        state_interval=state_interval, world=world,
     )
+    if report is None:  # not rank 0
+        return None
     if say:
         say(summary(ckpt.num_layers, settings, report, out))
     if evaluation is not None:

@@ -1,7 +1,7 @@
 """Command-line entry points. Only this module touches argv, stdout/stderr and logging setup.
 
 - `barber-eval` (`eval_main`): streaming perplexity of a checkpoint on a text file.
-- `barber-stream` (`stream_main`): the pruner.
+- `barber-stream` (`stream_main`; also `python -m barber.stream`, the form torchrun launches): the pruner.
 
 `run_cli(body, argv)` is the shared wrapper: it parses nothing itself, runs `body(argv)`, and turns a
 `BarberError` into ``error: <one line>`` on stderr plus the error's exit code (never a traceback).
@@ -170,18 +170,32 @@ def _stream_body(argv: Sequence[str] | None) -> int:
         apply_demo(args)
     if not args.ckpt or not args.out:
         raise UsageError("barber-stream: --ckpt and --out are required (or --demo)")
-    settings = settings_from_args(args)
+    settings_from_args(args)  # bad options fail before joining a process group
 
+    from barber.distributed import World
+
+    world, args.device = World.from_environment(args.device, args.dist_timeout)
+    try:
+        return _prune_rank(args, world)
+    finally:
+        world.close()
+
+
+def _prune_rank(args, world) -> int:
+    """barber-stream's work on one rank (the only one without torchrun)."""
     from barber import assets
     from barber.api import Evaluation, prune_and_evaluate
     from barber.checkpoint import Checkpoint
     from barber.output import inspect_output
     from barber.pipeline import Pruner
 
+    settings = settings_from_args(args)
     ckpt = Checkpoint.open(args.ckpt)
-    inspect_output(ckpt.path, Path(args.out), overwrite=args.overwrite, resume=args.resume)  # before the slow parts
+    if world.decides:  # before the slow parts
+        inspect_output(ckpt.path, Path(args.out), overwrite=args.overwrite, resume=args.resume)
     budget = budget_from_args(args)
-    Pruner(ckpt, settings, progress=False, budget=budget).prepare(args.nsamples, args.seqlen)  # an impossible budget
+    # an impossible budget or more ranks than sample groups, before the slow parts
+    Pruner(ckpt, settings, progress=False, budget=budget, world=world).prepare(args.nsamples, args.seqlen)
     evaluation = None
     if args.eval:
         evaluation = Evaluation(args.eval, args.eval_windows, args.eval_seqlen, args.eval_dense)
@@ -190,8 +204,8 @@ def _stream_body(argv: Sequence[str] | None) -> int:
             prune_and_evaluate(
                 ckpt, args.out, settings, Path(args.calib) if args.calib else assets.botchan_path(),
                 nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, evaluation=evaluation, budget=budget,
-                overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress, should_stop=stop,
-                state_interval=args.state_interval, say=print,
+                overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress and world.decides,
+                should_stop=stop, state_interval=args.state_interval, say=print, world=world,
             )
         except KeyboardInterrupt:
             signum = stop.signum or signal.SIGINT

@@ -90,6 +90,11 @@ class SampleGroups:
         """The groups of `rank` (default: this rank), in order."""
         return list(range(self.rank if rank is None else rank, self.groups, self.world))
 
+    def rows(self, g: int) -> slice:
+        """Where group g's samples are in its owner's hidden states (the owner's earlier groups come first)."""
+        offset = sum(self.start(h + 1) - self.start(h) for h in range(self.owner(g), g, self.world))
+        return slice(offset, offset + self.start(g + 1) - self.start(g))
+
     def samples(self, rank: int | None = None) -> list[int]:
         """The samples of `rank` (default: this rank) in order: its hidden-state rows are these samples."""
         return [s for g in self.owned(rank) for s in range(self.start(g), self.start(g + 1))]

@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 from typing import NoReturn
 
+from barber.distributed import DEFAULT_TIMEOUT
 from barber.errors import UsageError, exit_code_table
 from barber.prune import Granularity, InitMethod, Metric, Pattern
 from barber.settings import DEFAULT_RECIPE, RECIPES, Reconstruct
@@ -228,6 +229,12 @@ def _calibration_options(c) -> None:
     c.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     c.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
     c.add_argument("--seed", type=int, default=0, help="seed of the window sampling")
+    c.add_argument(
+        "--sample-groups", type=int, default=8, metavar="G",
+        help="every calibration statistic is a sum over G groups of consecutive windows in a fixed order, so the "
+        "output is the same whatever the micro-batch, memory or number of ranks (default 8, at most --nsamples; "
+        "a data-parallel run needs at most G ranks; another G changes the last bits of sums)",
+    )
 
 
 def _runtime_options(r) -> None:
@@ -248,6 +255,9 @@ def _runtime_options(r) -> None:
                    help="where calibration hidden states live: on the compute device, in host memory (page-locked "
                    "on a GPU run), or in a file under --out/.barber-work; auto = the first that fits the budgets")
     r.add_argument("--no-prefetch", action="store_true", help="do not read the next block while this one computes")
+    r.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help="under torchrun: give up on a rank that neither answers nor fails after this long "
+                   f"(default {DEFAULT_TIMEOUT:.0f}; a rank that dies is noticed at once)")
     r.add_argument("--allow-tf32", action="store_true",
                    help="let float32 matmuls on a GPU use TF32 "
                         "(faster; gradients, hence a few mask entries, may change)")
@@ -297,6 +307,8 @@ def settings_from_args(args: argparse.Namespace):
         implied = 1 - pattern.n / pattern.m
         if sparsity is not None and abs(sparsity - implied) > 1e-12:
             raise UsageError(f"--sparsity {sparsity} contradicts --pattern {pattern} (which prunes {implied:g})")
+    if not args.dist_timeout > 0:
+        raise UsageError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
     if not args.state_interval >= 0:
         raise UsageError(f"--state-interval must be >= 0 seconds, got {args.state_interval}")
     for name in ("nsamples", "seqlen"):
@@ -320,6 +332,7 @@ def settings_from_args(args: argparse.Namespace):
         device=str(resolve_device(args.device)),
         dtype=getattr(torch, args.dtype),
         batch_size=args.batch_size,
+        sample_groups=args.sample_groups,
         allow_tf32=args.allow_tf32,
         reconstruct_damp=args.reconstruct_damp,
         reconstruct_shrink=args.reconstruct_shrink,
@@ -331,7 +344,7 @@ def settings_from_args(args: argparse.Namespace):
 _OPTION_OF = {
     "sparsity": "--sparsity", "ratio": "--rebuild-ratio", "granularity": "--granularity", "batch_size": "--batch-size",
     "reconstruct_damp": "--reconstruct-damp", "reconstruct_shrink": "--reconstruct-shrink",
-    "reconstruct_iters": "--reconstruct-iters",
+    "reconstruct_iters": "--reconstruct-iters", "sample_groups": "--sample-groups",
 }
 
 

@@ -57,10 +57,14 @@ StopCheck = Callable[[], "int | None"]
 
 
 def kill_point(point: str) -> None:
-    """Tests only: signal this process at `point` when BARBER_TEST_KILL_AT names it (see module doc)."""
+    """Tests only: signal this process at `point` when BARBER_TEST_KILL_AT names it (see module doc).
+
+    `point@R` names the point on rank R of a data-parallel run only (RANK in the environment).
+    """
     for spec in os.environ.get(KILL_ENV, "").split(","):
         where, _, name = spec.partition("/")
-        if where == point:
+        where, _, rank = where.partition("@")
+        if where == point and (not rank or rank == os.environ.get("RANK", "0")):
             os.kill(os.getpid(), getattr(signal, name or "SIGKILL"))
 
 

@@ -33,6 +33,7 @@ far), so a resume can restart the loop at any block boundary.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -183,8 +184,11 @@ class Pruner:
             del raw
             states.prefetch.ahead(i + 1)
             pos = self.arch.positions(hidden.shape[1], device=s.device)
+        before = self.world.sent + self.world.received
         with _matmul_precision(s.device, s.allow_tf32):
             report = self._prune_block(i, dense, pos, write, times)
+        if self.world.distributed:
+            report = dataclasses.replace(report, exchanged=self.world.sent + self.world.received - before)
         del dense
         release_free_memory()
         if i + 1 >= self.ckpt.num_layers:

@@ -75,6 +75,7 @@ class BlockReport:
     seconds: dict[str, float]
     peak_rss: int
     peak_gpu: int | None = None
+    exchanged: int | None = None  # bytes rank 0 sent and received in the block (a data-parallel run)
 
     def to_json(self) -> dict:
         out = {
@@ -86,6 +87,8 @@ class BlockReport:
         }
         if self.peak_gpu is not None:
             out["peak_gpu"] = self.peak_gpu
+        if self.exchanged is not None:
+            out["exchanged_bytes"] = self.exchanged
         return out
 
     @classmethod
@@ -93,7 +96,7 @@ class BlockReport:
         return cls(
             int(d["block"]), {n: LayerStats.from_json(s) for n, s in d["layers"].items()},
             [SubblockReport.from_json(s) for s in d["subblocks"]], dict(d["seconds"]), int(d["peak_rss"]),
-            d.get("peak_gpu"),
+            d.get("peak_gpu"), d.get("exchanged_bytes"),
         )
 
     @property

@@ -12,6 +12,7 @@ prefetch and the micro-batch never change a value.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -26,7 +27,10 @@ from barber.prune import InitMethod
 from barber.settings import PruneSettings
 from barber.sysmem import current_rss, peak_rss
 
-__all__ = ["HiddenStates"]
+__all__ = ["GatheredHidden", "HiddenStates"]
+
+#: Bytes of hidden states per message when they travel between ranks (resume states).
+PIECE_BYTES = 64 * 2**20
 
 
 def _on(tensor: torch.Tensor, device: str) -> bool:
@@ -127,6 +131,57 @@ class HiddenStates:
                 self.trajectory.put(c.rows, hidden.get(c.rows))
         return self.trajectory
 
+    def _pieces(self, row_bytes: int) -> Iterator[tuple[int, slice, slice]]:
+        """(owner rank, rows in the owner's buffer, samples) of every piece of the calibration set, in
+        sample order: each group cut into pieces of at most PIECE_BYTES (at least one sample)."""
+        lay = self.groups
+        rows = max(1, PIECE_BYTES // max(row_bytes, 1))
+        for g in range(lay.groups):
+            local, first = lay.rows(g), lay.start(g)
+            for r in range(local.start, local.stop, rows):
+                n = min(rows, local.stop - r)
+                yield lay.owner(g), slice(r, r + n), slice(first + r - local.start, first + r - local.start + n)
+
+    def gathered(self, hidden: HiddenBuffer) -> "GatheredHidden | None":
+        """All ranks' hidden states in sample order, streamed to rank 0 (for its resume state).
+
+        Every rank must call this at the same point. On rank 0 it returns an object that, like a
+        `HiddenBuffer`, has the whole shape, dtype and `host_pieces()`: iterating them receives the
+        other ranks' pieces as they come. Other ranks send theirs here and get None.
+        """
+        world = self.world
+        shape = (self.nsamples, *hidden.shape[1:])
+        row_bytes = hidden.tensor[0].numel() * hidden.dtype.itemsize if hidden.shape[0] else 0
+        pieces = self._pieces(row_bytes)
+        if world.decides:
+            return GatheredHidden(shape, hidden.dtype, pieces, hidden, world)
+        for owner, rows, _ in pieces:
+            if owner == world.rank:
+                world.send(hidden.get(rows), 0)
+        return None
+
+    def spread(self, saved: HiddenBuffer | None, hidden: int) -> HiddenBuffer:
+        """This rank's rows of rank 0's `saved` [N, T, d] hidden states (a resume), in a new trajectory.
+
+        Every rank must call this at the same point; `saved` is only read on rank 0.
+        """
+        world = self.world
+        out = self.new_trajectory(hidden)
+        row_bytes = self.seqlen * hidden * self.settings.dtype.itemsize
+        for owner, rows, samples in self._pieces(row_bytes):
+            if world.decides:
+                piece = saved.get(samples)
+                if owner == 0:
+                    out.put(rows, piece)
+                else:
+                    world.send(piece, owner)
+            elif owner == world.rank:
+                buf = torch.empty((rows.stop - rows.start, self.seqlen, hidden), dtype=self.settings.dtype,
+                                  device=world.device)
+                world.recv(buf, 0)
+                out.put(rows, buf)
+        return out
+
     def scratch(self) -> HiddenBuffer:
         """The scratch buffer, shaped like the trajectory (allocated on first use, then reused)."""
         shape = self.trajectory.shape
@@ -149,3 +204,25 @@ class HiddenStates:
             out["peak_gpu_allocated"] = torch.cuda.max_memory_allocated()
             out["peak_gpu_reserved"] = torch.cuda.max_memory_reserved()
         return out
+
+
+class GatheredHidden:
+    """Rank 0's view of every rank's hidden states, in sample order, for `barber.state.save_state`.
+
+    `host_pieces()` yields rank 0's own pieces from its buffer and receives the others' pieces from
+    their owners, one at a time; iterate it once, while every other rank runs `HiddenStates.gathered`.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, pieces, local: HiddenBuffer, world: World):
+        self.shape, self.dtype = torch.Size(shape), dtype
+        self._pieces, self._local, self._world = pieces, local, world
+
+    def host_pieces(self) -> Iterator[torch.Tensor]:
+        for owner, rows, _ in self._pieces:
+            if owner == 0:
+                yield self._local.get(rows)
+            else:
+                buf = torch.empty((rows.stop - rows.start, *self.shape[1:]), dtype=self.dtype,
+                                  device=self._world.device)
+                self._world.recv(buf, owner)
+                yield buf

@@ -5,13 +5,14 @@ store, assembly and publication are `barber.output`'s) and returns the report, a
 last. A run killed at any moment (SIGKILL included) is continued by the same command, from the
 last finished block, and gives byte-identical files: every file is written under a temporary
 name, fsynced and renamed, so a file that exists is complete; the block loop is deterministic
-given the saved hidden states and the micro-batch, which a resume keeps. The resume state
+given the saved hidden states, whatever the micro-batch or the number of ranks (`barber.fold`). The resume state
 (`barber.state`) is committed after every block, or every `--state-interval` seconds, and always
 before stopping on a signal. After the report is written, the work directory is removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -24,8 +25,10 @@ from tqdm.auto import tqdm
 
 from barber import __version__
 from barber.budget import MemoryBudget
+from barber.buffers import HiddenBuffer
 from barber.checkpoint import Checkpoint
-from barber.errors import RESUME_HINT, OutputError, StateError, UsageError
+from barber.distributed import World
+from barber.errors import RESUME_HINT, BarberError, DistributedError, OutputError, StateError, UsageError
 from barber.output import (
     REPORT_FILE,
     STAGE_DIR,
@@ -104,7 +107,8 @@ def prune_checkpoint(
     should_stop: StopCheck | None = None,
     budget: MemoryBudget | None = None,
     state_interval: float = 0.0,
-) -> RunReport:
+    world: World | None = None,
+) -> RunReport | None:
     """Prune `ckpt` into `out_dir`, block by block, and return the report (also written there, as JSON).
 
     The keyword options are those of `RunOptions`; `extra_report` is merged into the report.
@@ -117,22 +121,44 @@ def prune_checkpoint(
     much work; the output is the same). `should_stop` is polled after every block (and output
     shard): a signal number commits the state and stops the run with `Interrupted`.
 
+    `world` makes this one rank of a data-parallel run (`barber.distributed`): every rank calls
+    this with the same arguments; rank 0 alone touches `out_dir` and returns the report, the other
+    ranks return None. A resume may use any number of ranks.
+
     Raises:
         UsageError: see `inspect_output`; a fingerprint mismatch or a damaged state.
         OutputError: a file could not be written (the run stays resumable).
         Interrupted: `should_stop` asked to stop.
+        DistributedError: a rank was lost (on ranks other than 0 also: rank 0 failed, with its exit code).
     """
     opts = RunOptions(overwrite, resume, progress, should_stop, budget, state_interval)
+    world = world or World.solo()
+    if not world.decides:
+        return _follow(ckpt, settings, calib_ids, opts, world)
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    inspect_output(ckpt.path, out_dir, overwrite=overwrite, resume=resume)  # before creating anything
-    make_dir(out_dir)
-    with locked(out_dir):
-        work, fp, saved = _prepare(ckpt, out_dir, settings, calib_ids, opts)
+    with contextlib.ExitStack() as stack:
         try:
-            result = _run(ckpt, out_dir, work, settings, calib_ids, fp, saved, opts)
+            inspect_output(ckpt.path, out_dir, overwrite=overwrite, resume=resume)  # before creating anything
+            make_dir(out_dir)
+            stack.enter_context(locked(out_dir))
+            work, fp, saved = _prepare(ckpt, out_dir, settings, calib_ids, opts)
+        except BarberError as exc:
+            world.share(("error", exc.exit_code, str(exc)))
+            raise
+        start = _Resume() if saved is None else _Resume(
+            saved.next_block, saved.blocks, float(saved.extra.get("embed_seconds", 0.0)), saved
+        )
+        world.share(("go", start.next_block))
+        try:
+            result = _run(ckpt, out_dir, work, settings, calib_ids, fp, start, opts, world)
             report = build_report(ckpt, settings, result.blocks, calib_ids, dict(extra_report or {}))
             _add_run_facts(report, result, settings, time.perf_counter() - started)
+            report.extra["parallel"] = {
+                "world_size": world.size, "backend": world.backend,
+                "sample_groups": settings.groups(int(calib_ids.shape[0])),
+                "bytes_sent": world.sent, "bytes_received": world.received,
+            }
             write_json_atomic(out_dir / REPORT_FILE, report.to_json())  # the completion marker
             fsync_dir(out_dir)
         except OutputError as exc:
@@ -141,6 +167,24 @@ def prune_checkpoint(
             raise UsageError(f"cannot resume the run in {out_dir}: {exc}; add --overwrite to start over") from None
         shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def _follow(
+    ckpt: Checkpoint, settings: PruneSettings, calib_ids: torch.Tensor, opts: RunOptions, world: World
+) -> None:
+    """A rank other than 0: wait for rank 0's start (or its error), then prune this rank's samples with it."""
+    status = world.share()
+    if status[0] == "error":
+        _, code, message = status
+        exc = DistributedError(f"rank {world.rank}: rank 0 stopped the run: {message}")
+        exc.exit_code = code
+        raise exc
+    pruner = Pruner(ckpt, settings, progress=False, budget=opts.budget, world=world)
+    try:
+        _block_loop(pruner, ckpt, None, calib_ids, None, _Resume(status[1]), dataclasses.replace(opts, progress=False))
+    finally:
+        pruner.close()
+    return None
 
 
 def _prepare(
@@ -152,7 +196,7 @@ def _prepare(
     restart, and the work directory is rid of what a killed process left half written.
     """
     plan = inspect_output(ckpt.path, out_dir, overwrite=opts.overwrite, resume=opts.resume)
-    fp = fingerprint(ckpt, calib_ids, settings.describe())
+    fp = fingerprint(ckpt, calib_ids, settings.fingerprinted())
     work = out_dir / WORK_DIR
     saved = _resume_state(work, fp, out_dir) if plan == "resume" else None
     if plan == "restart":
@@ -190,33 +234,29 @@ class RunResult:
 
 
 def _block_loop(
-    pruner: Pruner, ckpt: Checkpoint, work: Path, calib_ids: torch.Tensor, fp: Fingerprint,
-    saved: SavedState | None, opts: RunOptions,
+    pruner: Pruner, ckpt: Checkpoint, work: Path | None, calib_ids: torch.Tensor, fp: Fingerprint | None,
+    resume: _Resume, opts: RunOptions,
 ) -> tuple[BlockState, float, float]:
-    """Prune every block not done yet (long: the commit policy below shares the loop's state).
+    """Prune every block not done yet, on every rank (long: the commit policy below shares the loop's state).
 
     Returns the final state, the embedding seconds and the state-saving seconds.
 
-    The state is committed after a block when `opts.state_interval` seconds have passed since the last
-    commit (0: after every block), always after the last block and before stopping on a signal.
+    Rank 0 decides after each block whether to commit the state: when `opts.state_interval` seconds
+    have passed since the last commit (0: after every block), always after the last block and before
+    stopping on a signal; the other ranks follow its decisions (their hidden states travel to it
+    for the commit). Only rank 0 writes files.
     """
+    world = pruner.world
     progress, should_stop, state_interval = opts.progress, opts.should_stop, opts.state_interval
     n = ckpt.num_layers
-    store = BlockStore(work, ckpt)
-    plan = pruner.prepare(*calib_ids.shape).plan  # asked once: placement and micro-batch
-    if saved is not None:
-        log.info("resuming the run in %s at block %d of %d", work.parent, saved.next_block, n)
-        store.adopt(range(saved.next_block), require=saved.next_block < n)
-        on_device = plan.hidden_placement == "device"
-        hidden = load_hidden(saved, pruner.settings.device if on_device else None)
-        state = BlockState(saved.next_block, hidden, saved.blocks)
-        embed_seconds = float(saved.extra.get("embed_seconds", 0.0))
-        micro_batch = plan.micro_batch
-        if micro_batch != saved.extra.get("micro_batch", micro_batch):
-            log.warning(
-                "the memory budget allows micro-batches of %d samples, the interrupted run used %d: the output "
-                "may differ from an uninterrupted run in the last bits", micro_batch, saved.extra["micro_batch"],
-            )
+    store = BlockStore(work, ckpt) if world.decides else None
+    states = pruner.prepare(*calib_ids.shape)  # asked once: placement and micro-batch
+    if resume.next_block:
+        log.info("resuming at block %d of %d", resume.next_block, n)
+        if store is not None:
+            store.adopt(range(resume.next_block), require=resume.next_block < n)
+        state = BlockState(resume.next_block, _resumed_hidden(pruner, resume), resume.blocks)
+        embed_seconds = resume.embed_seconds
     else:
         t0 = time.perf_counter()
         state = pruner.start(calib_ids)
@@ -229,22 +269,26 @@ def _block_loop(
         nonlocal saved_at, save_seconds
         t0 = time.perf_counter()
         last = state.next_block == n
-        save_state(
-            work / STATE_FILE, next_block=state.next_block, num_blocks=n, blocks=state.blocks,
-            hidden=None if last else state.hidden, fp=fp,
-            extra={"embed_seconds": embed_seconds, "micro_batch": plan.micro_batch},
-        )
-        fsync_dir(work)  # the block files' and the state's renames survive a power cut
+        hidden = None if last else (states.gathered(state.hidden) if world.distributed else state.hidden)
+        if world.decides:
+            save_state(
+                work / STATE_FILE, next_block=state.next_block, num_blocks=n, blocks=state.blocks,
+                hidden=hidden, fp=fp, extra={"embed_seconds": embed_seconds, "micro_batch": states.plan.micro_batch},
+            )
+            fsync_dir(work)  # the block files' and the state's renames survive a power cut
         save_seconds += time.perf_counter() - t0
         saved_at = time.monotonic()
         kill_point(f"state:{state.next_block}")
 
-    def stop_requested() -> int | None:
-        return should_stop() if should_stop else None
+    def stop_requested() -> int:
+        """Rank 0's answer to `should_stop`, on every rank."""
+        signum = (should_stop() or 0) if (should_stop and world.decides) else 0
+        return int(world.share(signum))
 
     while state.next_block < n:
-        state = pruner.run_block(state, store.write)
-        committed = state.next_block == n or stop_requested() or time.monotonic() - saved_at >= state_interval
+        state = pruner.run_block(state, store.write if store is not None else _no_write)
+        wanted = state.next_block == n or time.monotonic() - saved_at >= state_interval
+        committed = bool(world.share(wanted)) or bool(stop_requested())
         if committed:
             commit(state)
         bar.update(1)
@@ -258,34 +302,44 @@ def _block_loop(
     return state, embed_seconds, save_seconds
 
 
-def _resumed_settings(settings: PruneSettings, saved: SavedState | None) -> PruneSettings:
-    """The settings to continue `saved` with: its micro-batch, so samples are grouped as before.
+def _no_write(i: int, tensors: dict) -> None:
+    """Ranks other than 0 write nothing."""
 
-    The automatic micro-batch follows the memory available at start, and the grouping of samples
-    can change the last bits of batched sums; pinning it keeps a resumed run byte-identical.
-    """
-    micro_batch = saved.extra.get("micro_batch") if saved is not None else None
-    if not isinstance(micro_batch, int) or micro_batch < 1:
-        return settings
-    return dataclasses.replace(settings, batch_size=micro_batch)
+
+@dataclass
+class _Resume:
+    """Where a run starts: block 0, or the saved state of an interrupted run (its hidden states on rank 0)."""
+
+    next_block: int = 0
+    blocks: list[BlockReport] = dataclasses.field(default_factory=list)
+    embed_seconds: float = 0.0
+    saved: SavedState | None = None  # rank 0
+
+
+def _resumed_hidden(pruner: Pruner, resume: _Resume) -> HiddenBuffer:
+    """The saved hidden states of this rank's samples (read on rank 0, sent to the others)."""
+    states, world = pruner.states, pruner.world
+    on_device = states.plan.hidden_placement == "device"
+    if not world.distributed:
+        return load_hidden(resume.saved, pruner.settings.device if on_device else None)
+    saved = load_hidden(resume.saved, None) if world.decides else None  # a mapping: read piece by piece
+    return states.spread(saved, pruner.ckpt.config.hidden_size)
 
 
 def _run(
     ckpt: Checkpoint, out_dir: Path, work: Path, settings: PruneSettings, calib_ids: torch.Tensor,
-    fp: Fingerprint, saved: SavedState | None, opts: RunOptions,
+    fp: Fingerprint, start: _Resume, opts: RunOptions, world: World,
 ) -> RunResult:
-    """The block loop (from `saved` or from the embeddings), assembly and publication; returns report parts."""
+    """Rank 0: the block loop (from `start`), assembly and publication; returns report parts."""
     n = ckpt.num_layers
     if settings.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    pruner = Pruner(
-        ckpt, _resumed_settings(settings, saved), progress=opts.progress, budget=opts.budget, work_dir=work
-    )
+    pruner = Pruner(ckpt, settings, progress=opts.progress, budget=opts.budget, work_dir=work, world=world)
     try:
-        state, embed_seconds, save_seconds = _block_loop(pruner, ckpt, work, calib_ids, fp, saved, opts)
+        state, embed_seconds, save_seconds = _block_loop(pruner, ckpt, work, calib_ids, fp, start, opts)
     finally:
         pruner.close()  # stop the prefetch thread, remove disk-backed hidden states
-    resumed_at = saved.next_block if saved is not None else 0
+    resumed_at = start.next_block
     store = BlockStore(work, ckpt)
     store.adopt(range(n), require=False)
 

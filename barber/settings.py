@@ -114,9 +114,11 @@ class PruneSettings:
         return out
 
     def fingerprinted(self) -> dict:
-        """`describe()` less what never changes a value (the micro-batch wish): what a resume must match."""
+        """`describe()` less what never changes a value (the micro-batch wish, the GPU index): what a resume
+        must match."""
         out = self.describe()
         del out["batch_size"]
+        out["device"] = torch.device(self.device).type  # which GPU of a node is no value
         return out
 
     def groups(self, nsamples: int) -> int:
