@@ -7,8 +7,9 @@ The pruner holds, at any time (perf.md §6):
 - one block's weights: dense, masked copy and bool masks, plus (SparseGPT) updated weights and one
   X^T X per linear;
 - during a sub-block's gradient pass: float32 copies of its dense and sparse weights (none when the
-  compute dtype is float32), the float32 sum of squared per-sample gradients, one chunk of
-  per-sample gradients, and the activations of one micro-batch;
+  compute dtype is float32), the float32 sum of squared per-sample gradients and its sample
+  group's partial (`barber.fold`), one sample's squared gradient, and the activations of one
+  micro-batch;
 - the next block's tensors in their stored dtype, read by a background thread (prefetch);
 - what the process held before the pruner started (interpreter, torch, tokenizer, ids).
 
@@ -22,8 +23,8 @@ come first: the micro-batch shrinks to 1, then prefetch is dropped, then hidden 
 device (host, then disk). A budget the model cannot meet even then is a one-line `BudgetError`.
 
 Estimates are upper bounds from the formulas above, not measurements; the report gives both the
-plan's estimate and the peak reached. Nothing here changes the math: placement and prefetch never
-change a value, and the micro-batch only where the planned default does not fit.
+plan's estimate and the peak reached. Nothing here changes the math: placement, prefetch and the
+micro-batch never change a value (the sums have a fixed order, `barber.fold`).
 """
 
 from __future__ import annotations
@@ -208,7 +209,7 @@ def _block_bytes(sh: ModelShapes, compute_bytes: int, sparsegpt: bool) -> dict[s
     for names in (sh.attn, sh.mlp):
         sub = sum(numel[n] for n in names)
         big = max(numel[n] for n in names)
-        copies = 0 if c == 4 else 2 * 4 * sub  # float32 dense and sparse copies
+        copies = 0 if c == 4 else 4 * sub + 4 * big  # float32 dense copies; one sparse linear converted at a time
         # Per linear the order-fixed sum of squared gradients and its group's partial (barber.fold), and one
         # sample's squared gradient at a time.
         gradient = max(gradient, copies + 2 * 4 * sub + 4 * big - freed)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -185,6 +186,8 @@ class World:
 
 
 def _short(exc: BaseException) -> str:
-    """The first line of an exception's message, at most 200 characters."""
+    """The gist of a backend's message: its first sentence, without a source-file prefix, at most 160 characters."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:200]
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)  # gloo's "[.../pair.cc:537] "
+    text = re.split(r"\. (?=[A-Z])", text, maxsplit=1)[0]
+    return text[:160]

@@ -87,7 +87,12 @@ def gradient_pass(
     names, dtype = sub.names, states.settings.dtype
     own = [k for k in dense if k.rsplit(".", 1)[0] in names]  # the sub-block's weights and biases
     dense32 = {k: dense[k].detach().float() for k in own}  # detached: no grad flag leaks into `dense`
-    sparse32 = {k: weights[k].float() for k in own}
+    # The sparse sub-block in float32, for the targets: its small tensors copied, each linear's weight
+    # converted when used (the same values, without a float32 copy of the whole sub-block).
+    sparse_small = {k: weights[k].float() for k in own if k.rsplit(".", 1)[0] not in names or k.endswith(".bias")}
+
+    def sparse_linear(name: str, xin: torch.Tensor) -> torch.Tensor:
+        return F.linear(xin, weights[name + ".weight"].float(), sparse_small.get(name + ".bias"))
     folds = {n: states.fold() for n in names}
     loss_fold = states.fold()
     hidden, dense_out = states.trajectory, states.scratch()
@@ -95,14 +100,14 @@ def gradient_pass(
     for c in states.chunks():
         with torch.no_grad():
             x = sub.input(hidden.get(c.rows), weights).float()
-            target = sub.core(x, sparse32, pos)
+            target = sub.core(x, sparse_small, pos, sparse_linear)
         y, losses = per_sample_grad_sq(sub.core, x, target, dense32, pos, names, folds, c.samples)
         dense_out.put(c.rows, y.to(dtype))
         for j, s in enumerate(c.samples):
             loss_fold.add(s, losses[j].clone())
         bar.update(c.rows.stop - c.rows.start)
     bar.close()
-    del dense32, sparse32
+    del dense32, sparse_small
     for n in names:
         del weights[n + ".weight"]
     grad_sq = {n: folds[n].result() for n in names}

@@ -3,10 +3,11 @@
 sizes and compare the output files byte for byte (and, with --eval, their perplexities).
 
 The micro-batch (samples per forward/backward call) is chosen by the memory plan from the budget, so
-an output that depends on it depends on the machine's memory. It changes the order of float32 sums
-in the calibration statistics and gradients, and that alone can move near-tied mask entries.
+an output that depends on it would depend on the machine's memory. Every calibration statistic is
+an order-fixed sum over sample groups (barber.fold), so the outputs should be identical.
 
     .venv/bin/python tools/experiments/microbatch_check.py                          # wanda 50%, no rebuild, 4 vs 16
+    .venv/bin/python tools/experiments/microbatch_check.py --batch-sizes 1 4 16 --reconstruct subblock
     .venv/bin/python tools/experiments/microbatch_check.py --rebuild-ratio 0.1 --eval
 """
 
@@ -24,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from barber import assets  # noqa: E402
 from barber.api import Evaluation, prune_and_evaluate  # noqa: E402
 from barber.prune import InitMethod  # noqa: E402
-from barber.settings import PruneSettings  # noqa: E402
+from barber.settings import PruneSettings, Reconstruct  # noqa: E402
 
 
 def weights_digest(path: Path) -> str:
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", choices=[m.value for m in InitMethod], default="wanda")
     p.add_argument("--rebuild-ratio", type=float, default=None, help="rebuild at row granularity (default: no rebuild)")
+    p.add_argument("--reconstruct", choices=[r.value for r in Reconstruct], default="none",
+                   help="re-fit the kept weights (subblock: the default recipe's)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 16])
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=256)
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     digests = {}
     for bs in args.batch_sizes:
         settings = PruneSettings(init=InitMethod(args.init), rebuild=rebuild, ratio=args.rebuild_ratio or 0.0,
-                                 batch_size=bs)
+                                 batch_size=bs, reconstruct=Reconstruct(args.reconstruct))
         with tempfile.TemporaryDirectory(prefix="barber-mb-") as tmp:
             out = Path(tmp) / "out"
             report = prune_and_evaluate(model, out, settings, assets.botchan_path(), nsamples=args.nsamples,
