@@ -83,7 +83,8 @@ def gradient_pass(
     rebuild replaces them, and dropping them now bounds its peak.
     """
     names, dtype = sub.names, states.settings.dtype
-    own = [k for k in dense if k.rsplit(".", 1)[0] in names]  # the sub-block's weights and biases
+    # the sub-block's weights and biases, and every 1-D tensor (the norms inside a core: q/k, sandwich)
+    own = [k for k in dense if k.rsplit(".", 1)[0] in names or dense[k].dim() == 1]
     dense32 = {k: dense[k].detach().float() for k in own}  # detached: no grad flag leaks into `dense`
     sparse32 = {k: weights[k].float() for k in own}
     grad_sq = {n: torch.zeros_like(dense32[n + ".weight"]) for n in names}
