@@ -19,7 +19,7 @@ import sys
 
 import pytest
 import torch
-from helpers_models import make_tiny_checkpoint, make_tiny_model, save_checkpoint, tiny_config
+from helpers_models import FAMILY_NAMES, make_tiny_checkpoint, make_tiny_model, save_checkpoint, tiny_config
 from safetensors import safe_open
 
 from barber.checkpoint import Checkpoint
@@ -244,7 +244,7 @@ def hf_ppl(path, ids: torch.Tensor) -> float:
     return math.exp(sum(losses) / len(losses))
 
 
-@pytest.mark.parametrize("family", NEW)
+@pytest.mark.parametrize("family", [f for f in FAMILY_NAMES if f not in ("llama", "opt")])  # those: test_stream_prune
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_pruned_output_loads_in_transformers_with_the_same_perplexity(tmp_path, family, pattern):
     src = make_tiny_checkpoint(tmp_path, family, layers=3, shards=2)
@@ -275,14 +275,17 @@ def _digests(out) -> dict[str, str]:
 
 
 def test_sigkill_then_same_command_is_byte_identical(tmp_path, capsys):
-    """Every new family, killed (SIGKILL) right after block 1's state is committed, then run again."""
+    """Every family but llama (whose kill points `test_resume` covers), killed (SIGKILL) right after
+    block 1's state is committed, then run again: byte-identical to an uninterrupted run."""
     from barber.cli import stream_main
 
     ids = tmp_path / "ids.pt"
     torch.save(calib_ids()[:2, :16].clone(), ids)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **{KILL_ENV: "state:2"})
     runs = {}
-    for family in NEW:
+    for family in FAMILY_NAMES:
+        if family == "llama":
+            continue
         src = make_tiny_checkpoint(tmp_path, family, layers=3)
         out = tmp_path / f"killed-{family}"
         runs[family] = (src, out, subprocess.Popen([sys.executable, "-c", _MAIN, *_argv(src, out, ids)], env=env,
