@@ -7,10 +7,10 @@ block-local names (``"self_attn.q_proj.weight"``, as `Checkpoint.block_weights` 
 A block is split into the two sub-blocks that the Barber method rebuilds separately::
 
     X  = attn_input(h, w)              # input of q/k/v (pre-LN: the attention norm of h)
-    Y  = attn_core(X, w, pos)          # o_proj / out_proj output, before the residual add
+    Y  = attn_core(X, w, pos)          # o_proj / out_proj output (Gemma: post-attention norm of it)
     h2 = attn_residual(h, Y, w)        # h + Y                  (post-LN: norm(h + Y))
     X2 = mlp_input(h2, w)              # input of gate/up/fc1   (pre-LN: the MLP norm of h2)
-    Y2 = mlp_core(X2, w, pos)          # down_proj / fc2 output, before the residual add (pos unused)
+    Y2 = mlp_core(X2, w, pos)          # down_proj / fc2 output (Gemma: post-feedforward norm of it)
     out = mlp_residual(h2, Y2, w)      # h2 + Y2                (post-LN: norm(h2 + Y2))
 
 Post-LN (OPT with ``do_layer_norm_before=False``): the linears see the raw residual stream, so
@@ -18,10 +18,12 @@ Post-LN (OPT with ``do_layer_norm_before=False``): the linears see the raw resid
 
 Both cores share one signature, ``core(x, w, pos, linear=None)``, so a pruner treats the two
 sub-blocks alike through `Arch.subblocks()` (a `SubBlock` each: its linears, input, core and residual).
-`attn_core` and `mlp_core` take ``linear(name, x) -> y`` (name: block-local linear name such as
-``"self_attn.q_proj"``). The default is ``x @ w[name + ".weight"].T + w[name + ".bias"]`` (bias where
-present). A pruner passes its own to record each linear's input or to use masked, fp32 or
-grad-requiring weights. Nothing here works in place on its inputs, so autograd flows through.
+`attn_core` and `mlp_core` take ``linear(name, x) -> y`` (name: block-local stored linear name such
+as ``"self_attn.q_proj"`` or Phi-3's ``"self_attn.qkv_proj"``; x: ``[B, T, in]``, the sample first).
+The cores also read the 1-D norm weights that sit inside them (q/k norms, sandwich norms) from ``w``.
+The default linear is ``x @ w[name + ".weight"].T + w[name + ".bias"]`` (bias where present).
+A pruner passes its own to record each linear's input or to use masked, fp32 or grad-requiring weights.
+Nothing here works in place on its inputs, so autograd flows through.
 
 Positions are computed per sequence length with `Arch.positions` (rotary cos/sin, including
 linear and llama3 scaling and partial rotation, and the sliding-window mask) and passed in explicitly.
