@@ -299,3 +299,17 @@ def test_sigkill_then_same_command_is_byte_identical(tmp_path, capsys):
         assert stream_main(_argv(src, tmp_path / f"reference-{family}", ids)) == 0
         assert _digests(out) == _digests(tmp_path / f"reference-{family}"), family
         Checkpoint.open(out)
+
+
+def test_memory_plan_counts_the_scores_of_soft_capped_attention(tmp_path):
+    """Gemma 2's soft-capped attention materialises [heads, T, T] scores; the plan's per-sample bytes say so."""
+    import dataclasses
+
+    from barber.budget import _per_sample_activation_bytes, model_shapes
+
+    sh = model_shapes(Checkpoint.open(make_tiny_checkpoint(tmp_path, "gemma2", layers=1)))
+    assert sh.score_heads == 4
+    plain = dataclasses.replace(sh, score_heads=0)
+    extra = _per_sample_activation_bytes(sh, 2048, 4) - _per_sample_activation_bytes(plain, 2048, 4)
+    assert extra >= 16 * 4 * 2048 * 2048
+    assert model_shapes(Checkpoint.open(make_tiny_checkpoint(tmp_path, "gemma3_text", layers=1))).score_heads == 0
