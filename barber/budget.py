@@ -128,6 +128,7 @@ class ModelShapes:
     attn: tuple[str, ...]
     mlp: tuple[str, ...]
     embed_numel: int  # the tensors `start` reads (embedding, positions, projection)
+    score_heads: int = 0  # heads whose [T, T] scores are materialised (Gemma 2's soft-capped attention), else 0
 
 
 def model_shapes(ckpt: Checkpoint) -> ModelShapes:
@@ -146,6 +147,7 @@ def model_shapes(ckpt: Checkpoint) -> ModelShapes:
         attn=tuple(fam.attn_linears),
         mlp=tuple(fam.mlp_linears),
         embed_numel=embed,
+        score_heads=ckpt.config.num_heads if fam.attn_softcapping and ckpt.config.attn_logit_softcapping else 0,
     )
 
 
@@ -184,11 +186,14 @@ def _per_sample_activation_bytes(sh: ModelShapes, seqlen: int, compute_bytes: in
     Gradient pass, attention: x, q, k, v, rotated q and k, attention output, output, target and
     their output gradients, about 16 values of width d per token. MLP: x, output, target and their
     gradients (4 of width d) and gate, up, act(gate), inner and their gradients (8 of width f).
+    Soft-capped attention (no fused kernel) adds its [heads, T, T] scores: raw, capped, probabilities
+    and a gradient, 4 float32 values per entry.
     """
     d = sh.hidden
     f = max((max(sh.linears[n]) for n in sh.mlp), default=d)
-    grad = 4 * seqlen * max(16 * d, 4 * d + 8 * f)
-    forward = compute_bytes * seqlen * (6 * d + 4 * f) + 4 * seqlen * 2 * max(d, f)  # + float32 statistics
+    scores = 4 * 4 * sh.score_heads * seqlen * seqlen
+    grad = 4 * seqlen * max(16 * d, 4 * d + 8 * f) + scores
+    forward = compute_bytes * seqlen * (6 * d + 4 * f) + 4 * seqlen * 2 * max(d, f) + scores  # + float32 statistics
     return int(ACTIVATION_SLACK * max(grad, forward))
 
 

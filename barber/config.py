@@ -2,11 +2,18 @@
 
 Both the transformers 4 and transformers 5 spellings are accepted:
 
-- rotary base and scaling: `rope_theta` + `rope_scaling` (4.x) or one `rope_parameters` dict (5.x);
+- rotary base and scaling: `rope_theta` + `rope_scaling` (4.x) or one `rope_parameters` dict (5.x),
+  which may be split per layer type (`full_attention` / `sliding_attention`, Gemma 3; 4.x:
+  `rope_local_base_freq`); `partial_rotary_factor` at the top level (4.x) or inside `rope_parameters`;
+- per-layer attention: `layer_types` (5.x) or, for Gemma, the 4.x default pattern (Gemma 2: every
+  other layer sliding; Gemma 3: `sliding_window_pattern`, five sliding layers then one full);
+- Gemma's `hidden_activation`, `query_pre_attn_scalar` and logit soft-capping;
 - OPT's own names: `ffn_dim`, `activation_function`, `enable_bias`, `word_embed_proj_dim`, `do_layer_norm_before`.
 
 Supported rotary types: `default`, `linear` and `llama3` (LLaMA-3.1 style). Any other type is a
-`CheckpointError`, never a silent fallback to unscaled positions.
+`CheckpointError`, never a silent fallback to unscaled positions; so is any structure barber does
+not model (a vision tower, experts, latent attention, bidirectional attention), with one line
+naming the `model_type`.
 """
 
 from __future__ import annotations
@@ -20,6 +27,21 @@ from typing import Any, Mapping
 from barber.errors import CheckpointError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+#: Attention kinds of `layer_types`: causal over the whole sequence, or over the last `sliding_window` tokens.
+FULL, SLIDING = "full_attention", "sliding_attention"
+#: Gemma's layer pattern where a 4.x config.json has no `layer_types`: every n-th layer is full (n from
+#: `sliding_window_pattern` when given).
+_DEFAULT_PATTERN = {"gemma2": 2, "gemma3_text": 6}
+#: config.json keys of structures barber does not model -> what they are (refused, naming the model_type).
+_UNSUPPORTED_KEYS = {
+    "vision_config": "a vision tower",
+    "audio_config": "an audio tower",
+    "num_local_experts": "mixture-of-experts blocks",
+    "num_experts": "mixture-of-experts blocks",
+    "n_routed_experts": "mixture-of-experts blocks",
+    "kv_lora_rank": "multi-head latent attention",
+    "use_bidirectional_attention": "bidirectional attention",
+}
 
 
 @dataclass(frozen=True)
@@ -38,7 +60,7 @@ class ModelConfig:
     """Architecture of a decoder-only checkpoint, in family-neutral names.
 
     Attributes:
-        model_type: the `model_type` of config.json (`llama`, `mistral`, `qwen2`, `opt`).
+        model_type: the `model_type` of config.json (see `barber.families.FAMILIES`).
         hidden_size: width d of the residual stream.
         intermediate_size: MLP width (OPT `ffn_dim`).
         num_layers: number of transformer blocks.
@@ -46,12 +68,20 @@ class ModelConfig:
         vocab_size: rows of the token embedding.
         max_position_embeddings: context length (OPT: rows of the learned table, minus the offset).
         norm_eps: RMSNorm / LayerNorm epsilon.
-        hidden_act: MLP activation name (`silu`, `relu`, `gelu`, ...).
+        hidden_act: MLP activation name (`silu`, `relu`, `gelu`, ...; Gemma `hidden_activation`).
         rope_theta: rotary base; None for learned positions (OPT).
         rope_scaling: None for unscaled rotary embeddings.
+        local_rope_theta / local_rope_scaling: rotary base and scaling of the sliding-window layers where they
+            differ from the full ones (Gemma 3: `rope_local_base_freq`); None: the same as the full layers.
+        partial_rotary_factor: the fraction of head_dim that is rotated (the leading dimensions).
         tie_word_embeddings: the output head reuses the token embedding.
         attention_bias / mlp_bias: llama-style bias switches (Qwen2 q/k/v biases come from the family).
-        sliding_window: Mistral-style local attention span, or None for full causal attention.
+        sliding_window: local attention span (a query sees itself and the window - 1 tokens before it), or
+            None for full causal attention everywhere.
+        layer_types: per block, `FULL` or `SLIDING`; None: every block is `SLIDING` when `sliding_window`
+            is set (Mistral, Phi-3), else `FULL`.
+        query_pre_attn_scalar: attention scores are scaled by its inverse square root instead of head_dim's (Gemma).
+        attn_logit_softcapping / final_logit_softcapping: scores and logits become cap * tanh(x / cap) (Gemma 2).
         word_embed_proj_dim: OPT embedding width (== hidden_size when there is no project_in/out).
         do_layer_norm_before: pre-LN (True) or post-LN (False, OPT-350m).
         final_layer_norm: OPT has a final LayerNorm only when pre-LN and not `_remove_final_layer_norm`.
@@ -75,10 +105,28 @@ class ModelConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    local_rope_theta: float | None = None
+    local_rope_scaling: RopeScaling | None = None
+    partial_rotary_factor: float = 1.0
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
     word_embed_proj_dim: int | None = None
     do_layer_norm_before: bool = True
     final_layer_norm: bool = True
     norm_affine: bool = True
+
+    def layer_type(self, i: int) -> str:
+        """`FULL` or `SLIDING`: how block `i` attends."""
+        if self.layer_types is not None:
+            return self.layer_types[i]
+        return SLIDING if self.sliding_window is not None else FULL
+
+    @property
+    def uniform_layers(self) -> bool:
+        """Every block attends alike (one `Positions` serves them all)."""
+        return self.layer_types is None or len(set(self.layer_types)) == 1
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
@@ -95,6 +143,7 @@ class ModelConfig:
         model_type = d.get("model_type")
         if not isinstance(model_type, str):
             raise CheckpointError("config.json has no model_type")
+        _refuse_unsupported(model_type, d)
         if model_type == "opt":
             return _opt_config(d)
         return _rotary_config(model_type, d)
@@ -128,11 +177,65 @@ def token_id(d: Mapping[str, Any], key: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _rope(d: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
-    """Rotary base and scaling from either `rope_parameters` (5.x) or `rope_theta`/`rope_scaling` (4.x)."""
+def _refuse_unsupported(model_type: str, d: Mapping[str, Any]) -> None:
+    """A one-line CheckpointError naming `model_type` when config.json describes a structure barber lacks."""
+    for key, what in _UNSUPPORTED_KEYS.items():
+        if d.get(key) not in (None, False, 0):
+            raise CheckpointError(f"model_type {model_type!r}: {what} ({key}) is not supported")
+
+
+def _rope_params(d: Mapping[str, Any], kind: str) -> dict | None:
+    """The `rope_parameters` dict of layer kind `kind` (5.x; None when absent or not split for that kind)."""
     params = d.get("rope_parameters")
-    if isinstance(params, dict) and "full_attention" in params and isinstance(params["full_attention"], dict):
-        params = params["full_attention"]  # per-layer-type form; these families only use full attention
+    if isinstance(params, dict) and (FULL in params or SLIDING in params):
+        params = params.get(kind)
+    elif kind == SLIDING:
+        return None  # one set of parameters for every layer
+    if params is not None and not isinstance(params, dict):
+        raise CheckpointError(f"config.json field 'rope_parameters' should be an object, got {params!r}")
+    return params
+
+
+def _local_rope(d: Mapping[str, Any]) -> tuple[float | None, RopeScaling | None]:
+    """Rotary base and scaling of the sliding layers where config.json gives them apart (Gemma 3)."""
+    if _rope_params(d, SLIDING) is not None:
+        return _rope(d, SLIDING)
+    if d.get("rope_local_base_freq") is not None:
+        return _get(d, "rope_local_base_freq", float, positive=True), None
+    return None, None
+
+
+def _partial_rotary(d: Mapping[str, Any], head_dim: int) -> float:
+    """The rotated fraction of head_dim, from `rope_parameters` (5.x) or the top level (4.x)."""
+    params = _rope_params(d, FULL) or {}
+    factor = _get(params, "partial_rotary_factor", float, None) or _get(d, "partial_rotary_factor", float, 1.0)
+    rotary = int(head_dim * factor)
+    if not 0 < factor <= 1 or rotary % 2:
+        raise CheckpointError(
+            f"partial_rotary_factor={factor} gives {rotary} rotary dims of {head_dim}; need an even number"
+        )
+    return factor
+
+
+def _layer_types(model_type: str, d: Mapping[str, Any], layers: int) -> tuple[str, ...] | None:
+    """Per-block attention kinds: `layer_types`, Gemma's default pattern, or None (all blocks alike)."""
+    types = d.get("layer_types")
+    if types is None and model_type in _DEFAULT_PATTERN:
+        every = _get(d, "sliding_window_pattern", int, _DEFAULT_PATTERN[model_type], positive=True)
+        types = [SLIDING if (i + 1) % every else FULL for i in range(layers)]
+    if types is None:
+        return None
+    if not isinstance(types, list) or len(types) != layers:
+        raise CheckpointError(f"config.json field 'layer_types' should list {layers} layer kinds, got {types!r}")
+    for kind in types:
+        if kind not in (FULL, SLIDING):
+            raise CheckpointError(f"model_type {model_type!r}: layer type {kind!r} is not supported")
+    return tuple(types)
+
+
+def _rope(d: Mapping[str, Any], kind: str = FULL) -> tuple[float, RopeScaling | None]:
+    """Rotary base and scaling of layer kind `kind`: `rope_parameters` (5.x) or `rope_theta`/`rope_scaling` (4.x)."""
+    params = _rope_params(d, kind)
     if params is not None and not isinstance(params, dict):
         raise CheckpointError(f"config.json field 'rope_parameters' should be an object, got {params!r}")
     if params:
@@ -166,7 +269,7 @@ def _rope(d: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
 
 
 def _rotary_config(model_type: str, d: Mapping[str, Any]) -> ModelConfig:
-    """llama / mistral / qwen2 (and any other rotary model type; the family table decides support)."""
+    """Every rotary model type (llama, mistral, qwen2/3, phi3, gemma2/3; the family table decides support)."""
     hidden = _get(d, "hidden_size", int, positive=True)
     heads = _get(d, "num_attention_heads", int, positive=True)
     kv_heads = _get(d, "num_key_value_heads", int, heads, positive=True)
@@ -180,30 +283,39 @@ def _rotary_config(model_type: str, d: Mapping[str, Any]) -> ModelConfig:
     if head_dim % 2:
         raise CheckpointError(f"head_dim={head_dim} must be even for rotary embeddings")
     theta, scaling = _rope(d)
+    local_theta, local_scaling = _local_rope(d)
+    layers = _get(d, "num_hidden_layers", int, positive=True)
     sliding = None
-    if model_type == "mistral":
+    if d.get("use_sliding_window"):
+        # Qwen2/Qwen3's per-layer sliding window (max_window_layers) is not implemented: refuse, never guess.
+        raise CheckpointError(f"model_type {model_type!r}: use_sliding_window=true is not supported")
+    if d.get("use_sliding_window") is None:  # Qwen's sliding_window is inert unless use_sliding_window
         sliding = _get(d, "sliding_window", int, None, positive=True)
-    elif d.get("use_sliding_window"):
-        # Qwen2's per-layer sliding window (max_window_layers) is not implemented: refuse, never guess.
-        raise CheckpointError(f"{model_type}: use_sliding_window=true is not supported")
     return ModelConfig(
         model_type=model_type,
         hidden_size=hidden,
         intermediate_size=_get(d, "intermediate_size", int, positive=True),
-        num_layers=_get(d, "num_hidden_layers", int, positive=True),
+        num_layers=layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         vocab_size=_get(d, "vocab_size", int, positive=True),
         max_position_embeddings=_get(d, "max_position_embeddings", int, 2048, positive=True),
         norm_eps=_get(d, "rms_norm_eps", float, 1e-6, positive=True),
-        hidden_act=_get(d, "hidden_act", str, "silu"),
+        hidden_act=_get(d, "hidden_activation", str, None) or _get(d, "hidden_act", str, "silu"),
         rope_theta=theta,
         rope_scaling=scaling,
         tie_word_embeddings=_get(d, "tie_word_embeddings", bool, False),
         attention_bias=_get(d, "attention_bias", bool, False),
         mlp_bias=_get(d, "mlp_bias", bool, False),
         sliding_window=sliding,
+        layer_types=_layer_types(model_type, d, layers),
+        local_rope_theta=local_theta,
+        local_rope_scaling=local_scaling,
+        partial_rotary_factor=_partial_rotary(d, head_dim),
+        query_pre_attn_scalar=_get(d, "query_pre_attn_scalar", float, None, positive=True),
+        attn_logit_softcapping=_get(d, "attn_logit_softcapping", float, None, positive=True),
+        final_logit_softcapping=_get(d, "final_logit_softcapping", float, None, positive=True),
         word_embed_proj_dim=hidden,
     )
 

@@ -94,7 +94,7 @@ def advance_hidden(
         arch: the model math.
         hidden: [n, T, d] block inputs, on the weights' device and dtype.
         weights: the block's weights (block-local names).
-        pos: `arch.positions(T)` on the same device.
+        pos: `arch.positions(T, layer=i)` of this block, on the same device.
         chunk_size: windows per forward call.
         out: where to write [n, T, d]; default `hidden` itself (in place, chunk by chunk; safe because
             windows are independent).
@@ -163,7 +163,6 @@ def perplexity(
         log.warning("seqlen %d is longer than the model's context (%d)", seqlen, cfg.max_position_embeddings)
     if int(windows.max()) >= cfg.vocab_size:
         raise DataError(f"token id {int(windows.max())} is outside the model's vocabulary of {cfg.vocab_size}")
-    pos = arch.positions(seqlen, device)
 
     ew = ckpt.embedding_weights(dtype, device)
     hidden = torch.empty(n, seqlen, cfg.hidden_size, dtype=dtype, device=device)
@@ -174,6 +173,7 @@ def perplexity(
     bar = tqdm(range(ckpt.num_layers), desc="blocks", unit="block", disable=not progress, leave=False)
     for i in bar:
         w = ckpt.block_weights(i, dtype, device)
+        pos = arch.positions(seqlen, device, layer=i)  # per block: Gemma's blocks alternate sliding and full
         advance_hidden(arch, hidden, w, pos, chunk_size=batch_size)
         del w
     bar.close()

@@ -7,10 +7,10 @@ block-local names (``"self_attn.q_proj.weight"``, as `Checkpoint.block_weights` 
 A block is split into the two sub-blocks that the Barber method rebuilds separately::
 
     X  = attn_input(h, w)              # input of q/k/v (pre-LN: the attention norm of h)
-    Y  = attn_core(X, w, pos)          # o_proj / out_proj output, before the residual add
+    Y  = attn_core(X, w, pos)          # o_proj / out_proj output (Gemma: post-attention norm of it)
     h2 = attn_residual(h, Y, w)        # h + Y                  (post-LN: norm(h + Y))
     X2 = mlp_input(h2, w)              # input of gate/up/fc1   (pre-LN: the MLP norm of h2)
-    Y2 = mlp_core(X2, w, pos)          # down_proj / fc2 output, before the residual add (pos unused)
+    Y2 = mlp_core(X2, w, pos)          # down_proj / fc2 output (Gemma: post-feedforward norm of it)
     out = mlp_residual(h2, Y2, w)      # h2 + Y2                (post-LN: norm(h2 + Y2))
 
 Post-LN (OPT with ``do_layer_norm_before=False``): the linears see the raw residual stream, so
@@ -18,14 +18,27 @@ Post-LN (OPT with ``do_layer_norm_before=False``): the linears see the raw resid
 
 Both cores share one signature, ``core(x, w, pos, linear=None)``, so a pruner treats the two
 sub-blocks alike through `Arch.subblocks()` (a `SubBlock` each: its linears, input, core and residual).
-`attn_core` and `mlp_core` take ``linear(name, x) -> y`` (name: block-local linear name such as
-``"self_attn.q_proj"``). The default is ``x @ w[name + ".weight"].T + w[name + ".bias"]`` (bias where
-present). A pruner passes its own to record each linear's input or to use masked, fp32 or
-grad-requiring weights. Nothing here works in place on its inputs, so autograd flows through.
+`attn_core` and `mlp_core` take ``linear(name, x) -> y`` (name: block-local stored linear name such
+as ``"self_attn.q_proj"`` or Phi-3's ``"self_attn.qkv_proj"``; x: ``[B, T, in]``, the sample first).
+The cores also read the 1-D norm weights that sit inside them (q/k norms, sandwich norms) from ``w``.
+The default linear is ``x @ w[name + ".weight"].T + w[name + ".bias"]`` (bias where present).
+A pruner passes its own to record each linear's input or to use masked, fp32 or grad-requiring weights.
+Nothing here works in place on its inputs, so autograd flows through.
 
-Positions are computed once per sequence length with `Arch.positions` (rotary cos/sin, including
-linear and llama3 scaling, and Mistral's sliding-window mask) and passed in explicitly. OPT's learned
-positions are added in `embed`.
+Positions are computed per sequence length with `Arch.positions` (rotary cos/sin, including
+linear and llama3 scaling and partial rotation, and the sliding-window mask) and passed in explicitly.
+Where blocks attend differently (Gemma's alternating sliding-window and full layers, Gemma 3's
+separate rotary base for the sliding ones) they are computed per block, ``positions(T, layer=i)``.
+OPT's learned positions are added in `embed`.
+
+What the families add to this skeleton, all switched by `FamilySpec` and `ModelConfig` data:
+
+- fused projections (Phi-3): q/k/v or gate/up come from one stored linear, called once through
+  ``linear`` and split by columns of its output, so the hooks see the matrix as stored;
+- per-head q/k norms before the rotary embedding (Qwen3, Gemma 3);
+- Gemma: embeddings times sqrt(hidden), (1 + w) RMSNorms, sandwich norms (the post-attention and
+  post-feedforward norms are part of the cores: ``Y`` is the sub-block's contribution to the
+  residual stream), query_pre_attn_scalar, and attention and final logit soft-capping.
 """
 
 from __future__ import annotations
@@ -37,7 +50,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from barber.config import ModelConfig
+from barber.config import SLIDING, ModelConfig
 from barber.errors import CheckpointError
 from barber.families import FamilySpec
 
@@ -87,11 +100,20 @@ class SubBlock:
     residual: Callable[[torch.Tensor, torch.Tensor, Weights], torch.Tensor]
 
 
-def rotary_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """Rotary inverse frequencies [head_dim / 2] in float32, with linear or llama3 scaling applied."""
-    dim, base = config.head_dim, config.rope_theta or 10000.0
+def rotary_dim(config: ModelConfig) -> int:
+    """How many leading dimensions of each head are rotated (head_dim unless partial rotary)."""
+    return int(config.head_dim * config.partial_rotary_factor)
+
+
+def rotary_inv_freq(config: ModelConfig, sliding: bool = False) -> torch.Tensor:
+    """Rotary inverse frequencies [rotary_dim / 2] in float32, with linear or llama3 scaling applied.
+
+    `sliding`: for a sliding-window layer, whose base and scaling may differ (Gemma 3's local layers).
+    """
+    dim, base, scaling = rotary_dim(config), config.rope_theta or 10000.0, config.rope_scaling
+    if sliding and config.local_rope_theta is not None:
+        base, scaling = config.local_rope_theta, config.local_rope_scaling
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim))
-    scaling = config.rope_scaling
     if scaling is None:
         return inv_freq
     if scaling.rope_type == "linear":
@@ -111,6 +133,33 @@ def rotary_inv_freq(config: ModelConfig) -> torch.Tensor:
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding of x [..., T, head_dim] on its first cos.shape[-1] dimensions (the rest pass)."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    head, rest = x[..., :rot], x[..., rot:]
+    return torch.cat((head * cos + _rotate_half(head) * sin, rest), dim=-1)
+
+
+def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap) (Gemma's soft-capping), or x unchanged when cap is None."""
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
+def _capped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, cap: float
+) -> torch.Tensor:
+    """Attention with soft-capped scores, as transformers' eager path: softmax in (at least) float32. [B, H, T, hd]."""
+    t = q.shape[-2]
+    if mask is None:
+        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    scores = _softcap(torch.matmul(q, k.transpose(-1, -2)) * scale, cap)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+    return torch.matmul(probs.to(q.dtype), v)
 
 
 class Arch:
@@ -133,28 +182,38 @@ class Arch:
 
     # ---- positions and embeddings --------------------------------------------------------------
 
-    def positions(self, seqlen: int, device: str | torch.device = "cpu") -> Positions:
-        """Position data for sequences of `seqlen` tokens starting at position 0."""
+    def positions(self, seqlen: int, device: str | torch.device = "cpu", layer: int | None = None) -> Positions:
+        """Position data of block `layer` for sequences of `seqlen` tokens starting at position 0.
+
+        `layer` may be left out where every block attends alike (`ModelConfig.uniform_layers`); a model
+        whose blocks differ (Gemma) raises ValueError without it rather than guess.
+        """
         cfg, mask = self.config, None
-        if cfg.sliding_window is not None and seqlen > cfg.sliding_window:
+        if layer is None and not cfg.uniform_layers:
+            raise ValueError(f"{cfg.model_type}: blocks attend differently; pass layer= to Arch.positions")
+        sliding = cfg.layer_type(0 if layer is None else layer) == SLIDING
+        if sliding and cfg.sliding_window is not None and seqlen > cfg.sliding_window:
             i = torch.arange(seqlen, device=device)
             diff = i[:, None] - i[None, :]
             mask = (diff >= 0) & (diff < cfg.sliding_window)
         if self.family.positions != "rope":
             return Positions(seqlen, mask=mask)
-        inv_freq = rotary_inv_freq(cfg).to(device)
+        inv_freq = rotary_inv_freq(cfg, sliding).to(device)
         freqs = torch.outer(torch.arange(seqlen, device=device, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         return Positions(seqlen, emb.cos(), emb.sin(), mask)
 
     def embed(self, ids: torch.Tensor, w: Weights) -> torch.Tensor:
-        """Token ids [B, T] -> hidden states [B, T, d] (OPT: project_in and learned positions added).
+        """Token ids [B, T] -> hidden states [B, T, d] (OPT: project_in and learned positions added;
+        Gemma: times sqrt(hidden) rounded to the weights' dtype, as transformers does).
 
         Args:
             ids: token ids, every sequence starting at position 0.
             w: `Checkpoint.embedding_weights` (embed_tokens, and embed_positions / project_in where present).
         """
         h = F.embedding(ids, w["embed_tokens"])
+        if self.family.scale_embeddings:
+            h = h * torch.tensor(self.config.hidden_size**0.5).to(h.dtype)
         if "project_in" in w:
             h = F.linear(h, w["project_in"])
         if self.family.positions == "learned":
@@ -165,18 +224,36 @@ class Arch:
     # ---- building blocks ------------------------------------------------------------------------
 
     def _norm(self, x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
-        """RMSNorm (computed in at least float32, like transformers) or LayerNorm; weights `name.weight/.bias`."""
+        """RMSNorm (computed in at least float32, like transformers) or LayerNorm; weights `name.weight/.bias`.
+
+        "rms" scales after rounding back to x's dtype (``w * x``, LLaMA); "rms1p" scales by ``1 + w`` in
+        float32 and rounds last (Gemma).
+        """
         weight = w.get(name + ".weight")
-        if self.family.norm == "rms":
+        if self.family.norm in ("rms", "rms1p"):
             xf = x if x.dtype == torch.float64 else x.to(torch.float32)
             xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.config.norm_eps)
+            if self.family.norm == "rms1p":
+                return (xf * (1.0 + weight.to(xf.dtype))).to(x.dtype)
             return weight * xf.to(x.dtype)
         return F.layer_norm(x, x.shape[-1:], weight, w.get(name + ".bias"), self.config.norm_eps)
+
+    def _out_norm(self, y: torch.Tensor, w: Weights, name: str | None) -> torch.Tensor:
+        """The sandwich norm `name` of a sub-block output (Gemma), or y unchanged when the family has none."""
+        return y if name is None else self._norm(y, w, name)
 
     @staticmethod
     def default_linear(w: Weights) -> Linear:
         """``linear(name, x) = x @ w[name.weight].T + w[name.bias]`` (bias where present)."""
         return lambda name, x: F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
+
+    def _project(self, lin: Linear, x: torch.Tensor, names: tuple[str, ...], widths: tuple[int, ...]):
+        """The outputs of logical linears `names` on x: one call each, or one call of the fused matrix
+        that stores them (Phi-3), split by output columns of `widths`."""
+        fused = self.family.fused_group(names)
+        if fused is None:
+            return [lin(n, x) for n in names]
+        return list(lin(fused, x).split(widths, dim=-1))
 
     # ---- attention sub-block --------------------------------------------------------------------
 
@@ -185,28 +262,34 @@ class Arch:
         return self._norm(h, w, self.family.attn_norm) if self.config.do_layer_norm_before else h
 
     def attn_core(self, x: torch.Tensor, w: Weights, pos: Positions, linear: Linear | None = None) -> torch.Tensor:
-        """Causal self-attention of `x` [B, T, d] -> o_proj/out_proj output [B, T, d] (no residual)."""
+        """Causal self-attention of `x` [B, T, d] -> o_proj/out_proj output [B, T, d] (no residual;
+        Gemma: after the post-attention norm)."""
         fam, cfg = self.family, self.config
         lin = linear or self.default_linear(w)
         b, t, _ = x.shape
         hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-        q = lin(fam.q, x).view(b, t, nh, hd).transpose(1, 2)
-        k = lin(fam.k, x).view(b, t, nkv, hd).transpose(1, 2)
-        v = lin(fam.v, x).view(b, t, nkv, hd).transpose(1, 2)
+        q, k, v = self._project(lin, x, (fam.q, fam.k, fam.v), (nh * hd, nkv * hd, nkv * hd))
+        q, k, v = q.view(b, t, nh, hd), k.view(b, t, nkv, hd), v.view(b, t, nkv, hd)
+        if fam.q_norm:  # per head, over head_dim, before the rotary embedding
+            q, k = self._norm(q, w, fam.q_norm), self._norm(k, w, fam.k_norm)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if pos.cos is not None:
             cos, sin = pos.cos[:t].to(q.dtype), pos.sin[:t].to(q.dtype)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         if nkv != nh:  # GQA: repeat each kv head for its group of query heads
             rep = nh // nkv
             k = k[:, :, None].expand(b, nkv, rep, t, hd).reshape(b, nh, t, hd)
             v = v[:, :, None].expand(b, nkv, rep, t, hd).reshape(b, nh, t, hd)
-        scale = hd**-0.5
+        scale = (cfg.query_pre_attn_scalar or hd) ** -0.5
         if fam.scale_query_before:
             q, scale = q * scale, 1.0
         mask = None if pos.mask is None else pos.mask[:t, :t]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
-        return lin(fam.o, o.transpose(1, 2).reshape(b, t, nh * hd))
+        if fam.attn_softcapping and cfg.attn_logit_softcapping is not None:
+            o = _capped_attention(q, k, v, mask, scale, cfg.attn_logit_softcapping)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+        y = lin(fam.o, o.transpose(1, 2).reshape(b, t, nh * hd))
+        return self._out_norm(y, w, fam.attn_out_norm)
 
     def attn_residual(self, h: torch.Tensor, y: torch.Tensor, w: Weights) -> torch.Tensor:
         """h + y (pre-LN), or the attention norm of h + y (post-LN)."""
@@ -222,14 +305,17 @@ class Arch:
     def mlp_core(
         self, x2: torch.Tensor, w: Weights, pos: Positions | None = None, linear: Linear | None = None
     ) -> torch.Tensor:
-        """down(act(gate(x)) * up(x)) or fc2(act(fc1(x))): [B, T, d] -> [B, T, d] (no residual; `pos` unused)."""
+        """down(act(gate(x)) * up(x)) or fc2(act(fc1(x))): [B, T, d] -> [B, T, d] (no residual; `pos` unused;
+        Gemma: after the post-feedforward norm)."""
         fam = self.family
         lin = linear or self.default_linear(w)
         if fam.gate:
-            inner = self._act(lin(fam.gate, x2)) * lin(fam.up, x2)
+            f = self.config.intermediate_size
+            gate, up = self._project(lin, x2, (fam.gate, fam.up), (f, f))
+            inner = self._act(gate) * up
         else:
             inner = self._act(lin(fam.up, x2))
-        return lin(fam.down, inner)
+        return self._out_norm(lin(fam.down, inner), w, fam.mlp_out_norm)
 
     def mlp_residual(self, h2: torch.Tensor, y2: torch.Tensor, w: Weights) -> torch.Tensor:
         """h2 + y2 (pre-LN), or the MLP norm of h2 + y2 (post-LN)."""
@@ -254,14 +340,15 @@ class Arch:
         return self.mlp_residual(h2, self.mlp_core(self.mlp_input(h2, w), w, pos, linear), w)
 
     def final_logits(self, h: torch.Tensor, w: Weights) -> torch.Tensor:
-        """Final norm (where the model has one), project_out (OPT) and the output head: [B, T, vocab].
+        """Final norm (where the model has one), project_out (OPT), the output head and (Gemma 2) the
+        final soft-capping: [B, T, vocab].
 
         Args:
             w: `Checkpoint.final_weights` (norm.weight/.bias, project_out, lm_head; a tied head is the embedding).
         """
-        has_norm = self.family.norm == "rms" or self.config.final_layer_norm
+        has_norm = self.family.norm != "layer" or self.config.final_layer_norm
         if has_norm:
             h = self._norm(h, w, "norm")
         if "project_out" in w:
             h = F.linear(h, w["project_out"])
-        return F.linear(h, w["lm_head"])
+        return _softcap(F.linear(h, w["lm_head"]), self.config.final_logit_softcapping)

@@ -183,7 +183,7 @@ class Pruner:
             dense = {k: v.to(device=s.device, dtype=s.dtype) for k, v in raw.items()}
             del raw
             states.prefetch.ahead(i + 1)
-            pos = self.arch.positions(hidden.shape[1], device=s.device)
+            pos = self.arch.positions(hidden.shape[1], device=s.device, layer=i)
         before = self.world.sent + self.world.received
         with _matmul_precision(s.device, s.allow_tf32):
             report = self._prune_block(i, dense, pos, write, times)

@@ -85,7 +85,8 @@ def gradient_pass(
     sums (`barber.fold`), on rank 0; other ranks get (None, None).
     """
     names, dtype = sub.names, states.settings.dtype
-    own = [k for k in dense if k.rsplit(".", 1)[0] in names]  # the sub-block's weights and biases
+    # the sub-block's weights and biases, and every 1-D tensor (the norms inside a core: q/k, sandwich)
+    own = [k for k in dense if k.rsplit(".", 1)[0] in names or dense[k].dim() == 1]
     dense32 = {k: dense[k].detach().float() for k in own}  # detached: no grad flag leaks into `dense`
     # The sparse sub-block in float32, for the targets: its small tensors copied, each linear's weight
     # converted when used (the same values, without a float32 copy of the whole sub-block).
@@ -107,7 +108,8 @@ def gradient_pass(
             loss_fold.add(s, losses[j].clone())
         bar.update(c.rows.stop - c.rows.start)
     bar.close()
-    del dense32, sparse_small
+    del dense32
+    sparse_small.clear()
     for n in names:
         del weights[n + ".weight"]
     grad_sq = {n: folds[n].result() for n in names}

@@ -371,5 +371,8 @@ def build_report(
     """The run report: settings, the blocks' reports (whose totals it derives), and `extra` at the top level."""
     nsamples, seqlen = int(calib_ids.shape[0]), int(calib_ids.shape[1])
     calibration = {"nsamples": nsamples, "seqlen": seqlen, **extra.pop("calibration", {})}
+    parts = ckpt.family.fused_parts(ckpt.config)  # the rows of each fused matrix (Phi-3's qkv_proj, gate_up_proj)
+    if parts:
+        extra.setdefault("fused_linears", {n: {p: list(r) for p, r in rows.items()} for n, rows in parts.items()})
     return RunReport(str(ckpt.path), ckpt.family.name, settings.describe(), calibration, blocks, __version__,
                      extra=extra)

@@ -21,7 +21,11 @@ from pathlib import Path
 
 import torch
 
-FAMILY_NAMES = ("llama", "mistral", "qwen2", "opt")
+FAMILY_NAMES = ("llama", "mistral", "qwen2", "opt", "qwen3", "phi3", "gemma2", "gemma3_text")
+#: Families whose transformers model refuses SDPA (soft-capped attention): built with eager attention.
+_EAGER = ("gemma2",)
+#: Families whose norms scale by (1 + w): their random norm weights sit around 0, not 1.
+_ONE_PLUS_NORM = ("gemma2", "gemma3_text")
 
 #: Small shapes per family; vocab >= 256 so the byte tokenizer fits every model.
 _BASE = {
@@ -41,6 +45,25 @@ _BASE = {
         hidden_size=64, ffn_dim=96, num_attention_heads=4, vocab_size=300, max_position_embeddings=256,
         word_embed_proj_dim=64, do_layer_norm_before=True, pad_token_id=1,
     ),
+    "qwen3": dict(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+        vocab_size=300, max_position_embeddings=256, tie_word_embeddings=False,
+    ),
+    "phi3": dict(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=300, max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2,
+    ),
+    "gemma2": dict(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        vocab_size=300, max_position_embeddings=256, sliding_window=16, query_pre_attn_scalar=24,
+        attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+    ),
+    "gemma3_text": dict(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        vocab_size=300, max_position_embeddings=256, sliding_window=16, query_pre_attn_scalar=24,
+        sliding_window_pattern=2, rope_local_base_freq=100.0,
+    ),
 }
 
 
@@ -58,12 +81,14 @@ def make_tiny_model(family: str, *, layers: int = 2, seed: int = 0, **overrides)
 
     cfg = tiny_config(family, layers, **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+    attn = "eager" if family in _EAGER else "sdpa"
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
+    norm_centre = 0.0 if family in _ONE_PLUS_NORM else 1.0
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or "layernorm.weight" in name or "layer_norm.weight" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+                p.copy_(norm_centre + 0.1 * torch.randn(p.shape, generator=gen))
             elif name.endswith(".bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
             else:

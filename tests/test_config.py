@@ -99,11 +99,10 @@ def test_from_file_errors(tmp_path):
 
 
 def test_unsupported_model_type_lists_supported():
-    with pytest.raises(
-        CheckpointError, match=r"unsupported model_type 'gpt2' \(supported: llama, mistral, opt, qwen2\)"
-    ):
+    supported = r"\(supported: gemma2, gemma3_text, llama, mistral, opt, phi3, qwen2, qwen3\)"
+    with pytest.raises(CheckpointError, match=r"unsupported model_type 'gpt2' " + supported):
         family_for("gpt2")
-    assert set(FAMILIES) == {"llama", "mistral", "qwen2", "opt"}
+    assert set(FAMILIES) == {"llama", "mistral", "qwen2", "opt", "qwen3", "phi3", "gemma2", "gemma3_text"}
 
 
 @pytest.mark.parametrize(

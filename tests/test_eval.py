@@ -163,7 +163,9 @@ BAD = {
     "corrupt header": (3, "corrupt safetensors header"),
     "huge header length": (3, "corrupt safetensors header"),
     "shape mismatch": (3, "has shape [64, 64] but config.json implies [48, 48]"),
-    "unsupported model_type": (3, "unsupported model_type 'bloom' (supported: llama, mistral, opt, qwen2)"),
+    "unsupported model_type": (
+        3, "unsupported model_type 'bloom' (supported: gemma2, gemma3_text, llama, mistral, opt, phi3, qwen2, qwen3)"
+    ),
     "no tokenizer": (3, "no tokenizer.json or tokenizer.model"),
 }
 

@@ -1,9 +1,10 @@
 """Parity with transformers for every family: sub-block tensors, block outputs and final logits.
 
 Each case builds a tiny random model with transformers, saves it (single file and sharded) and
-replays it with barber's streaming reader and functional block. The sub-block tensors (X = q input,
-Y = o output, X2 = up/fc1 input, Y2 = down/fc2 output) are captured from transformers with hooks on
-the linears that `FamilySpec` names, so the split itself is checked, not only the composition.
+replays it with barber's streaming reader and functional block. The sub-block tensors (X = input of
+the first attention linear, Y = o output, X2 = input of the first MLP linear, Y2 = down/fc2 output;
+Y and Y2 after the sandwich norms where the family has them) are captured from transformers with
+hooks on the modules that `FamilySpec` names, so the split itself is checked, not only the composition.
 """
 
 from __future__ import annotations
@@ -31,6 +32,15 @@ CASES = {
     "qwen2-qkv-bias": ("qwen2", {}),
     "opt-pre-ln": ("opt", {}),
     "opt-post-ln-project": ("opt", dict(do_layer_norm_before=False, word_embed_proj_dim=32)),
+    "qwen3-qk-norm": ("qwen3", {}),
+    "qwen3-bias-tied": ("qwen3", dict(attention_bias=True, tie_word_embeddings=True)),
+    "phi3-fused-sliding": ("phi3", dict(sliding_window=16)),
+    "phi3-partial-rotary": ("phi3", dict(partial_rotary_factor=0.5, num_key_value_heads=4)),
+    "gemma2-softcap-alternating": ("gemma2", {}),
+    "gemma3-local-rope": ("gemma3_text", {}),
+    "gemma3-linear-global-capped": ("gemma3_text", dict(
+        rope_scaling={"rope_type": "linear", "factor": 4.0}, attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0, tie_word_embeddings=False)),
 }
 
 
@@ -51,10 +61,10 @@ def capture_hf(model, family, layers: int, ids: torch.Tensor):
 
         sub = lambda local, i=i: model.get_submodule(family.block_tensor_name(i, local))  # noqa: E731
         handles += [
-            sub(family.q).register_forward_hook(hook_in("X")),
-            sub(family.o).register_forward_hook(hook_out("Y")),
-            sub(family.up).register_forward_hook(hook_in("X2")),
-            sub(family.down).register_forward_hook(hook_out("Y2")),
+            sub(family.attn_linears[0]).register_forward_hook(hook_in("X")),
+            sub(family.attn_out_norm or family.o).register_forward_hook(hook_out("Y")),
+            sub(family.mlp_linears[0]).register_forward_hook(hook_in("X2")),
+            sub(family.mlp_out_norm or family.down).register_forward_hook(hook_out("Y2")),
         ]
     with torch.no_grad():
         out = model(ids, output_hidden_states=True)
@@ -80,10 +90,10 @@ def test_parity_with_transformers(case, shards):
     ids = torch.randint(0, ckpt.config.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(0))
     hidden, logits, cap = capture_hf(model, ckpt.family, ckpt.num_layers, ids)
     with torch.no_grad():
-        pos = arch.positions(SEQ)
         h = arch.embed(ids, ckpt.embedding_weights())
         assert rel_err(h, hidden[0]) <= RTOL
         for i in range(ckpt.num_layers):
+            pos = arch.positions(SEQ, layer=i)
             w = ckpt.block_weights(i)
             x = arch.attn_input(h, w)
             y = arch.attn_core(x, w, pos)
@@ -105,6 +115,28 @@ def test_scaling_and_window_are_exercised():
     llama = make_tiny_model("llama", layers=1, **CASES["llama-gqa-llama3"][1])
     assert llama.config.rope_parameters["rope_type"] == "llama3"
     assert make_tiny_model("mistral", layers=1).config.sliding_window < SEQ
+    phi3 = make_tiny_model("phi3", layers=1, **CASES["phi3-partial-rotary"][1])
+    assert phi3.config.rope_parameters["partial_rotary_factor"] == 0.5
+    for family in ("gemma2", "gemma3_text"):
+        cfg = make_tiny_model(family, layers=3).config
+        assert cfg.layer_types == ["sliding_attention", "full_attention", "sliding_attention"]
+        assert cfg.sliding_window < SEQ and cfg.query_pre_attn_scalar != cfg.head_dim
+    gemma3 = make_tiny_model("gemma3_text", layers=2, **CASES["gemma3-linear-global-capped"][1]).config
+    assert gemma3.rope_parameters["full_attention"]["rope_type"] == "linear"
+    assert gemma3.rope_parameters["sliding_attention"]["rope_theta"] == 100.0
+
+
+def test_capping_changes_the_logits(case):
+    """Soft-capping is not a no-op at these weights (or the parity of Gemma's capping would be vacuous)."""
+    model, dirs = case
+    ckpt = Checkpoint.open(dirs[1])
+    cfg = ckpt.config
+    if cfg.final_logit_softcapping is None:
+        pytest.skip("no soft-capping")
+    ids = torch.randint(0, cfg.vocab_size, (1, SEQ), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert float(logits.abs().max()) > 0.5 * cfg.final_logit_softcapping
 
 
 def test_custom_linear_sees_every_linear_in_order(case):
@@ -119,9 +151,10 @@ def test_custom_linear_sees_every_linear_in_order(case):
         return torch.nn.functional.linear(x, w[name + ".weight"], w.get(name + ".bias"))
 
     h = torch.randn(1, 8, ckpt.config.hidden_size)
-    pos = arch.positions(8)
+    pos = arch.positions(8, layer=0)
     out = arch.block_forward(h, w, pos, linear=linear)
     assert [n for n, _ in seen] == list(ckpt.family.attn_linears + ckpt.family.mlp_linears)
+    assert all(len(shape) == 3 and shape[0] == 1 for _, shape in seen)  # [batch, tokens, in]: the sample leads
     assert torch.equal(out, arch.block_forward(h, w, pos))
 
 
@@ -134,7 +167,7 @@ def test_autograd_through_sub_blocks(case):
     ckpt = Checkpoint.open(dirs[1])
     arch = Arch.from_checkpoint(ckpt)
     w = {k: v.double() for k, v in ckpt.block_weights(0).items()}
-    pos = arch.positions(4)
+    pos = arch.positions(4, layer=0)
     fam = ckpt.family
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, ckpt.config.hidden_size, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -149,7 +182,7 @@ def test_autograd_through_sub_blocks(case):
         return weight.index_put((rows, cols), delta, accumulate=True)
 
     def attn(x, d):
-        lin = lambda n, t: torch.nn.functional.linear(t, perturbed(n, fam.q), w.get(n + ".bias"))  # noqa: E731
+        lin = lambda n, t: torch.nn.functional.linear(t, perturbed(n, fam.attn_linears[0]), w.get(n + ".bias"))  # noqa: E731
         return arch.attn_residual(x, arch.attn_core(arch.attn_input(x, w), w, pos, lin), w)
 
     def mlp(x, d):
@@ -172,9 +205,8 @@ def test_low_precision_close_to_float32(case, dtype):
     for dt in (torch.float32, dtype):
         with torch.no_grad():
             h = arch.embed(ids, ckpt.embedding_weights(dt))
-            pos = arch.positions(16)
             for i in range(ckpt.num_layers):
-                h = arch.block_forward(h, ckpt.block_weights(i, dt), pos)
+                h = arch.block_forward(h, ckpt.block_weights(i, dt), arch.positions(16, layer=i))
             results[dt] = arch.final_logits(h, ckpt.final_weights(dt))
     assert results[dtype].dtype == dtype
     assert rel_err(results[dtype].float(), results[torch.float32]) < 0.05
