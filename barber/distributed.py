@@ -49,7 +49,8 @@ class World:
         rank, size: torch.distributed's rank and world size (0 and 1 for a single process).
         backend: "gloo", "nccl" or None (single process).
         device: where tensors travel from (the rank's GPU for NCCL, else the CPU).
-        sent, received: bytes this rank sent and received so far (for the report and the benchmark).
+        sent, received: tensor bytes this rank sent and received so far (for the report and the
+            benchmark; rank 0's decisions, a few bytes each, are not counted).
     """
 
     rank: int = 0
@@ -136,8 +137,8 @@ class World:
             tensor.copy_(t)
         self.received += t.numel() * t.element_size()
 
-    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Rank 0's `tensor` on every rank (in place elsewhere); returns it."""
+    def broadcast(self, tensor: torch.Tensor, count: bool = True) -> torch.Tensor:
+        """Rank 0's `tensor` on every rank (in place elsewhere); returns it. `count`: add it to sent/received."""
         if not self.distributed:
             return tensor
         import torch.distributed as dist
@@ -146,7 +147,7 @@ class World:
         self._call("a broadcast", None, dist.broadcast, t, 0)
         if t is not tensor:
             tensor.copy_(t)
-        nbytes = t.numel() * t.element_size()
+        nbytes = t.numel() * t.element_size() if count else 0
         if self.decides:
             self.sent += nbytes * (self.size - 1)
         else:
@@ -154,14 +155,17 @@ class World:
         return tensor
 
     def share(self, obj: object = None) -> object:
-        """Rank 0's `obj` (picklable) on every rank; the others' argument is ignored."""
+        """Rank 0's `obj` (picklable) on every rank; the others' argument is ignored.
+
+        For rank 0's decisions (start, commit, stop): a few bytes, not counted in sent/received.
+        """
         if not self.distributed:
             return obj
         data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8) if self.decides else None
         size = torch.tensor([data.numel() if data is not None else 0], dtype=torch.int64)
-        self.broadcast(size)
+        self.broadcast(size, count=False)
         buf = data if data is not None else torch.empty(int(size[0]), dtype=torch.uint8)
-        self.broadcast(buf)
+        self.broadcast(buf, count=False)
         return obj if self.decides else pickle.loads(buf.numpy().tobytes())
 
     def share_weights(self, weights: dict[str, torch.Tensor], names: Iterable[str],

@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +54,7 @@ from barber.report import BlockReport, LayerStats, SubblockReport
 from barber.residency import HiddenStates
 from barber.settings import PruneSettings, Reconstruct
 from barber.sysmem import peak_rss, release_free_memory
+from barber.timing import phase
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +71,6 @@ class BlockState:
     next_block: int
     hidden: HiddenBuffer  # [N, T, d], sparse trajectory entering block `next_block`
     blocks: list[BlockReport] = field(default_factory=list)  # per-block reports so far
-
-
-@contextlib.contextmanager
-def phase(times: dict[str, float], name: str) -> Iterator[None]:
-    """Add the wall time of the `with` body to `times[name]`."""
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        times[name] = times.get(name, 0.0) + time.perf_counter() - t0
 
 
 @contextlib.contextmanager
@@ -256,7 +246,7 @@ class Pruner:
                 self._share(sub.names, weights, masks, dense, values=values)
         if s.reconstruct is not Reconstruct.NONE:
             with phase(times, "reconstruct"):
-                refit = reconstruct.refit_subblock(sub, dense, weights, masks, stats, states, pos)
+                refit = reconstruct.refit_subblock(sub, dense, weights, masks, stats, states, pos, times)
         with phase(times, "forward"):
             loss_after = self._advance(sub, weights, None if s.rebuild else dense, pos)
         for n in sub.names:  # past its sub-block, a linear needs only its pruned weights and mask

@@ -41,6 +41,7 @@ from barber import prune
 from barber.fold import Chunk
 from barber.model import Positions, SubBlock
 from barber.settings import PruneSettings, Reconstruct
+from barber.timing import phase
 
 __all__ = ["exact_masked_lstsq", "masked_pcg", "plan_bytes", "refit_subblock", "stages"]
 
@@ -209,7 +210,8 @@ def _group_statistics(states, sub, weights, dense, pos, group) -> tuple | None:
 
 
 def refit_subblock(
-    sub: SubBlock, dense: Tensors, weights: Tensors, masks: Tensors, stats, states, pos: Positions
+    sub: SubBlock, dense: Tensors, weights: Tensors, masks: Tensors, stats, states, pos: Positions,
+    times: dict[str, float] | None = None,
 ) -> dict | None:
     """Re-fit every linear of `sub` in `weights` (in place) on its mask; returns the fit errors.
 
@@ -217,29 +219,32 @@ def refit_subblock(
     sum_t ||y_t||^2 before and after the re-fit (on that linear's own inputs and targets).
     `stats` (with X^T X) is used, and its Hessians dropped, in ``layer`` mode. Rank 0 solves and
     broadcasts each group's weights before the next group's statistics; other ranks return None.
+    The solves' seconds (rank 0's alone) are added to `times["solve"]`.
     """
     settings, world = states.settings, states.world
-    errors = {}
+    errors, times = {}, {} if times is None else times
     if settings.reconstruct is Reconstruct.LAYER:
-        if world.decides:
-            for n in sub.names:
-                hessian = stats.xtx.pop(n)
-                wd = dense[n + ".weight"].float()
-                cross = wd @ hessian
-                target_sq = float((cross * wd).sum())
-                diag = torch.diagonal(hessian)
-                errors[n] = _refit_one(n, dense, weights, masks, hessian, diag, cross, target_sq, settings)
+        with phase(times, "solve"):
+            if world.decides:
+                for n in sub.names:
+                    hessian = stats.xtx.pop(n)
+                    wd = dense[n + ".weight"].float()
+                    cross = wd @ hessian
+                    target_sq = float((cross * wd).sum())
+                    diag = torch.diagonal(hessian)
+                    errors[n] = _refit_one(n, dense, weights, masks, hessian, diag, cross, target_sq, settings)
         world.share_weights(weights, [n + ".weight" for n in sub.names], dense)
         return {"relative_error": errors} if world.decides else None
     for group in stages(sub):
         statistics = _group_statistics(states, sub, weights, dense, pos, group)
         if statistics is not None:
-            hessian, cross_diag, cross, target_sq = statistics
-            for n in group:
-                errors[n] = _refit_one(
-                    n, dense, weights, masks, hessian, cross_diag, cross.pop(n), target_sq[n], settings
-                )
-            del hessian, statistics
+            with phase(times, "solve"):
+                hessian, cross_diag, cross, target_sq = statistics
+                for n in group:
+                    errors[n] = _refit_one(
+                        n, dense, weights, masks, hessian, cross_diag, cross.pop(n), target_sq[n], settings
+                    )
+                del hessian, statistics
         world.share_weights(weights, [n + ".weight" for n in group], dense)
     return {"relative_error": errors} if world.decides else None
 

@@ -81,12 +81,20 @@ def test_two_and_three_ranks_write_the_bytes_of_one_process(inputs, recipe):
         assert run.stdout.count("pruned 3 blocks") == 1  # only rank 0 speaks
 
 
-def test_micro_batches_and_placements_write_the_same_bytes(inputs):
+def test_micro_batches_placements_and_threads_write_the_same_bytes(inputs):
     expected = reference(inputs, "paper")
     for extra in (["--batch-size", "1"], ["--batch-size", "4"], ["--batch-size", "16", "--hidden-states", "disk"]):
         out = inputs["root"] / f"mb-{'-'.join(extra)}"
         assert stream_main(argv(inputs, out, *RECIPES["paper"], *extra)) == 0
         assert digest(out) == expected, extra
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = inputs["root"] / "two-threads"
+        assert stream_main(argv(inputs, out, *RECIPES["paper"])) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert digest(out) == expected
 
 
 def test_a_killed_rank_stops_the_run_and_another_world_size_resumes_it(inputs):
