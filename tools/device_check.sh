@@ -15,11 +15,14 @@
 #           calibration tokens, bfloat16 on cuda, plus a run under --max-gpu-memory 6GiB
 #   ops     tools/bench/bench_ops.py --device cuda
 #   tf32    the same 2-block prune with and without --allow-tf32: how many mask entries differ
+#   same    the same bytes on the GPU: micro-batches 1, 4 and 16 (batch invariance of the kernels,
+#           docs/algorithm.md §10.3), and with two or more GPUs a 2-rank NCCL run against one process
 # Results (flat, at most 8 files, as the device tool returns them) go to $OUT:
-#   device_check.log (everything), env.txt, bench_stream.json, bench_ops.json, tf32.json, summary.txt
+#   device_check.log (everything), env.txt, bench_stream.json, bench_ops.json, tf32.json, same_bytes.json,
+#   summary.txt
 #
 # By hand, on any machine:
-#     OUT=/tmp/dc bash tools/device_check.sh [--cpu] [--quick] [--steps build,tests,stream,ops,tf32]
+#     OUT=/tmp/dc bash tools/device_check.sh [--cpu] [--quick] [--steps build,tests,stream,ops,tf32,same]
 #   --cpu    run the steps on the CPU with small sizes (the CUDA parts are skipped; the tf32 step then only
 #            exercises its code: TF32 does nothing on a CPU)
 #   --quick  smaller benchmarks (fewer tokens and blocks)
@@ -36,7 +39,7 @@ WORK="${WORK:-/tmp/barber-device-work}"
 BUDGET_S="${BUDGET_S:-560}"
 MODE=cuda
 QUICK=0
-STEPS="build,tests,stream,ops,tf32"
+STEPS="build,tests,stream,ops,tf32,same"
 
 usage() { sed -n '2,/^$/p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
@@ -51,7 +54,7 @@ while [ $# -gt 0 ]; do
     shift
 done
 for s in ${STEPS//,/ }; do
-    case "$s" in build|tests|stream|ops|tf32) ;; *) echo "device_check: unknown step: $s" >&2; exit 2 ;; esac
+    case "$s" in build|tests|stream|ops|tf32|same) ;; *) echo "device_check: unknown step: $s" >&2; exit 2 ;; esac
 done
 
 if [ -z "${PYTHON:-}" ]; then
@@ -220,7 +223,47 @@ if wants tf32; then
     step tf32 150 tf32_check
 fi
 
-rm -rf "$WORK/tf32" "$WORK"/barber-bench-stream-* 2>/dev/null
+# ---- the same bytes: micro-batches, and NCCL ranks ----------------------------------------------
+same_check() {
+    local dir="$WORK/same"
+    rm -rf "$dir"; mkdir -p "$dir"
+    local n=32 seqlen=512 gpus=0
+    [ "$MODE" = cpu ] && n=8 seqlen=64
+    [ "$MODE" = cuda ] && gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
+    "$PYTHON" tools/bench/make_synthetic_checkpoint.py --model smollm2-135m --blocks 3 --out "$dir/ckpt" || return 1
+    local calib
+    calib=$("$PYTHON" -c 'import sys; sys.path.insert(0, "tools/bench"); from pathlib import Path; from bench_stream import calibration_text; print(calibration_text(Path(sys.argv[1]), int(sys.argv[2])))' "$dir/calib.txt" $((n * seqlen))) || return 1
+    local common=(--ckpt "$dir/ckpt" --calib "$calib" --nsamples "$n" --seqlen $seqlen --device "$MODE"
+                  --dtype bfloat16 --sample-groups 4 --no-progress --recipe paper --rebuild-ratio 0.1)
+    for mb in 1 4 16; do
+        "$PYTHON" -m barber.stream "${common[@]}" --out "$dir/mb$mb" --batch-size $mb || return 1
+    done
+    if [ "$gpus" -ge 2 ]; then
+        "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 2 -m barber.stream "${common[@]}" \
+            --out "$dir/ranks2" || return 1
+    fi
+    "$PYTHON" - "$dir" "$OUT/same_bytes.json" "$gpus" <<'EOF'
+import hashlib, json, sys
+from pathlib import Path
+root, dest, gpus = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+def digest(d):
+    h = hashlib.sha256()
+    for f in sorted(d.glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+runs = {d.name: digest(d) for d in sorted(root.iterdir()) if d.name.startswith(("mb", "ranks"))}
+result = {"digests": runs, "identical": len(set(runs.values())) == 1, "gpus": gpus,
+          "nccl_checked": "ranks2" in runs}
+dest.write_text(json.dumps(result, indent=2) + "\n")
+print("same bytes:", "yes" if result["identical"] else "NO", runs)
+sys.exit(0 if result["identical"] else 1)
+EOF
+}
+if wants same; then
+    step same 150 same_check
+fi
+
+rm -rf "$WORK/tf32" "$WORK/same" "$WORK"/barber-bench-stream-* 2>/dev/null
 note "done in $((SECONDS - START))s"
 echo "total: $((SECONDS - START))s" >>"$SUMMARY"
 cat "$SUMMARY"
