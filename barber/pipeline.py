@@ -165,7 +165,9 @@ class Pruner:
     def run_block(self, state: BlockState, write: Writer) -> BlockState:
         """Prune block `state.next_block`, hand its pruned linears to `write`, return the next state."""
         s, i = self.settings, state.next_block
-        states = self.prepare(self.states.nsamples if self.states else state.hidden.shape[0], state.hidden.shape[1])
+        if self.states is None:  # not prepared by the caller: a single process, all samples in `state.hidden`
+            self.prepare(state.hidden.shape[0], state.hidden.shape[1])
+        states = self.states
         hidden = states.adopt(state.hidden)
         times: dict[str, float] = {}
         with phase(times, "read"):
