@@ -27,6 +27,7 @@ from barber.options import (
     apply_demo,
     budget_from_args,
     resolve_device,
+    save_from_args,
     settings_from_args,
     stream_parser,
 )
@@ -191,7 +192,7 @@ def _stream_body(argv: Sequence[str] | None) -> int:
                 ckpt, args.out, settings, Path(args.calib) if args.calib else assets.botchan_path(),
                 nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, evaluation=evaluation, budget=budget,
                 overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress, should_stop=stop,
-                state_interval=args.state_interval, say=print,
+                state_interval=args.state_interval, save=save_from_args(args), say=print,
             )
         except KeyboardInterrupt:
             signum = stop.signum or signal.SIGINT

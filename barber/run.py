@@ -43,6 +43,7 @@ from barber.output import (
     publish,
     remove_temporaries,
 )
+from barber.packed import SaveFormat
 from barber.pipeline import BlockState, Pruner
 from barber.report import BlockReport, RunReport
 from barber.settings import PruneSettings
@@ -71,6 +72,7 @@ class RunOptions:
     should_stop: StopCheck | None = None
     budget: MemoryBudget | None = None
     state_interval: float = 0.0
+    save: SaveFormat | None = None  # how the output is stored (barber.packed); None: dense, input dtypes
 
 
 def _resume_state(work: Path, fp: Fingerprint, out_dir: Path) -> SavedState:
@@ -104,6 +106,7 @@ def prune_checkpoint(
     should_stop: StopCheck | None = None,
     budget: MemoryBudget | None = None,
     state_interval: float = 0.0,
+    save: SaveFormat | None = None,
 ) -> RunReport:
     """Prune `ckpt` into `out_dir`, block by block, and return the report (also written there, as JSON).
 
@@ -122,7 +125,7 @@ def prune_checkpoint(
         OutputError: a file could not be written (the run stays resumable).
         Interrupted: `should_stop` asked to stop.
     """
-    opts = RunOptions(overwrite, resume, progress, should_stop, budget, state_interval)
+    opts = RunOptions(overwrite, resume, progress, should_stop, budget, state_interval, save)
     started = time.perf_counter()
     out_dir = Path(out_dir)
     inspect_output(ckpt.path, out_dir, overwrite=overwrite, resume=resume)  # before creating anything
@@ -302,7 +305,8 @@ def _run(
     remove_temporaries(stage)
     copy_side_files(ckpt.path, stage, skip={REPORT_FILE})  # an input that is itself a barber result
     total_bytes = assemble(
-        ckpt, store, stage, layer_info, done_dir=out_dir, should_stop=opts.should_stop, progress=opts.progress
+        ckpt, store, stage, layer_info, done_dir=out_dir, should_stop=opts.should_stop, progress=opts.progress,
+        save=opts.save,
     )
     publish(stage, out_dir)
     return RunResult(
