@@ -1,7 +1,9 @@
 """Command-line entry points. Only this module touches argv, stdout/stderr and logging setup.
 
 - `barber-eval` (`eval_main`): streaming perplexity of a checkpoint on a text file.
-- `barber-stream` (`stream_main`): the pruner.
+- `barber-stream` (`stream_main`): the pruner; it leaves report.md and report.png beside the JSON report
+  (`barber.report_view`) unless --no-report.
+- `barber-inspect` (`inspect_main`): checks and describes any output (`barber.inspector`), `--plot` draws one.
 
 `run_cli(body, argv)` is the shared wrapper: it parses nothing itself, runs `body(argv)`, and turns a
 `BarberError` into ``error: <one line>`` on stderr plus the error's exit code (never a traceback).
@@ -194,6 +196,10 @@ def _stream_body(argv: Sequence[str] | None) -> int:
                 overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress, should_stop=stop,
                 state_interval=args.state_interval, save=save_from_args(args), say=print,
             )
+            if not args.no_report:
+                from barber.report_view import write_report_files
+
+                logging.getLogger("barber.cli").info("wrote %s", ", ".join(map(str, write_report_files(args.out))))
         except KeyboardInterrupt:
             signum = stop.signum or signal.SIGINT
             raise Interrupted(
@@ -207,3 +213,51 @@ def _stream_body(argv: Sequence[str] | None) -> int:
 def stream_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `barber-stream`; returns the exit status."""
     return run_cli(_stream_body, argv)
+
+
+# ---- barber-inspect -----------------------------------------------------------------------------
+
+
+def _inspect_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog="barber-inspect",
+        description="Check and describe a barber output (dense or packed) or any checkpoint barber reads: per-layer "
+        "sparsity and N:M validity (every group), bytes on disk against dense, the run's settings and quality. "
+        "Exit status 0, 1 when a layer breaks its pattern, 3 for a damaged directory.",
+    )
+    p.add_argument("dir", help="the output directory")
+    p.add_argument("--json", action="store_true", help="print the inspection as JSON")
+    p.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
+                   help="also draw the report picture (default: DIR/report.png)")
+    p.add_argument("--summary", action="store_true", help="no per-layer lines")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    return p
+
+
+def _inspect_body(argv: Sequence[str] | None) -> int:
+    args = _inspect_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    from barber.inspector import format_text, inspect_output_dir
+
+    ins = inspect_output_dir(args.dir, progress=not args.no_progress)
+    if args.plot is not None:
+        from barber.layout import REPORT_PNG
+        from barber.report_view import plot
+
+        sparsity: dict[str, list] = {}
+        for layer in ins.layers:
+            if layer.block is not None:
+                sparsity.setdefault(layer.name.rsplit(".", 2)[-2], []).append((layer.block, layer.sparsity))
+        try:
+            plot(Path(args.plot) if args.plot else Path(ins.path) / REPORT_PNG, ins.report,
+                 None if ins.report else sparsity, title=f"barber-inspect: {Path(ins.path).name}")
+        except ImportError:
+            raise UsageError("--plot needs matplotlib (pip install matplotlib)") from None
+    print(json.dumps(ins.to_json(), indent=2) if args.json else format_text(ins, layers=not args.summary))
+    return 0 if ins.valid else 1
+
+
+def inspect_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `barber-inspect`; returns the exit status."""
+    return run_cli(_inspect_body, argv)
