@@ -1,6 +1,7 @@
 """Command-line entry points. Only this module touches argv, stdout/stderr and logging setup.
 
-- `barber-eval` (`eval_main`): streaming perplexity of a checkpoint on a text file.
+- `barber-eval` (`eval_main`): streaming perplexity of a checkpoint (dense or packed) on a text file, and
+  with --last-word the zero-shot last-word accuracy (`barber.zeroshot`).
 - `barber-stream` (`stream_main`): the pruner; it leaves report.md and report.png beside the JSON report
   (`barber.report_view`) unless --no-report.
 - `barber-inspect` (`inspect_main`): checks and describes any output (`barber.inspector`), `--plot` draws one.
@@ -64,6 +65,11 @@ def _eval_parser() -> ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward call (default 1)")
     p.add_argument("--bos", action="store_true", help="prepend one BOS token to the token stream")
+    p.add_argument("--last-word", type=int, default=0, metavar="N",
+                   help="also the zero-shot last-word accuracy (LAMBADA-style) on the first N paragraphs of --text "
+                   "(barber.zeroshot; default 0: off)")
+    p.add_argument("--last-word-context", type=int, default=256, metavar="TOKENS",
+                   help="context tokens of each last-word item, at most (default 256)")
     p.add_argument("--json", default=None, help="also write the result and settings to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="count", default=0)
@@ -79,6 +85,8 @@ def _eval_body(argv: Sequence[str] | None) -> int:
         raise UsageError(f"--max-windows must be at least 1, got {args.max_windows}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.last_word < 0 or args.last_word_context < 1:
+        raise UsageError("--last-word must be >= 0 and --last-word-context >= 1")
 
     import torch
 
@@ -110,9 +118,19 @@ def _eval_body(argv: Sequence[str] | None) -> int:
         f"perplexity {result.ppl:.4f} (nll {result.nll:.6f}; {result.n_windows} windows of {args.seqlen} tokens, "
         f"{bos_note}, {args.dtype} on {device})"
     )
+    payload = result.to_dict()
+    if args.last_word:
+        from barber.zeroshot import last_word_accuracy, last_word_items
+
+        items = last_word_items(text, tokenizer.encode, args.last_word, args.last_word_context)
+        lw = last_word_accuracy(ckpt, items, device=device, dtype=getattr(torch, args.dtype),
+                                batch_size=args.batch_size, progress=not args.no_progress)
+        print(f"last-word accuracy {lw.accuracy:.4f} ({lw.correct} of {lw.items} paragraphs, LAMBADA-style, "
+              f"at most {args.last_word_context} context tokens)")
+        payload["last_word"] = lw.to_dict()
     if args.json:
         try:
-            Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+            Path(args.json).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
         except OSError as exc:
             raise UsageError(f"--json {args.json}: cannot write ({exc.strerror or exc})") from None
     return 0
