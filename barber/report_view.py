@@ -78,6 +78,9 @@ def plot(path: Path, report: dict | None = None, sparsity: dict[str, list[tuple[
         for k, (kind, rows) in enumerate(_swaps(report).items()):
             swaps_ax.bar([b + (k - 0.5) * width for b, _ in rows], [s for _, s in rows], width, label=kind)
         swaps_ax.legend(fontsize=8)
+        if not report.get("swaps"):
+            swaps_ax.text(0.5, 0.5, "no swaps (the rebuild was off)" if not report.get("settings", {}).get("rebuild")
+                          else "no swaps", ha="center", va="center", transform=swaps_ax.transAxes)
     else:
         for ax in (loss_ax, swaps_ax):
             ax.text(0.5, 0.5, "no run report (barber_report.json)", ha="center", va="center", transform=ax.transAxes)
