@@ -107,7 +107,7 @@ def prune_and_evaluate(
     inspect_output(ckpt.path, out, overwrite=overwrite, resume=resume)  # fail before the slow parts
     check_pattern_fits(ckpt, settings)
     extra: dict = {}
-    if save is not None:
+    if save is not None and not save.is_default:
         save.check(settings.pattern, ckpt.info(ckpt.block_tensor_name(0, ckpt.family.linears[0] + ".weight")).dtype)
         extra["save"] = {**save.describe(), "dense_bytes": dense_bytes(ckpt, save.dtype)}
     tokenizer = load_tokenizer(ckpt.path)
