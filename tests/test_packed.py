@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -180,3 +183,23 @@ def test_cli_packs_and_prints_the_size_against_dense(tmp_path, capsys):
     assert code == 0 and "packed" in out and "of dense" in out, out
     report = json.loads((tmp_path / "out" / "barber_report.json").read_text())
     assert report["save"]["format"] == "packed" and report["output_bytes"] < 0.75 * report["save"]["dense_bytes"]
+
+
+def test_a_resume_in_another_save_format_is_refused(tmp_path, capsys):
+    """Killed after the first output shard was published: the rest must be written in the same format."""
+    src = make_tiny_checkpoint(tmp_path, "llama", shards=2, **CUTLASS_DIMS["llama"])
+    out = tmp_path / "out"
+    args = ["--ckpt", str(src), "--out", str(out), "--nsamples", "2", "--seqlen", "16", "--no-progress",
+            "--no-report", "--pattern", "2:4", "--save-dtype", "bfloat16"]
+    main = "import sys; from barber.cli import stream_main; sys.exit(stream_main())"
+    env = dict(os.environ, OMP_NUM_THREADS="1", BARBER_TEST_KILL_AT="publish:1")
+    killed = subprocess.run([sys.executable, "-c", main, *args, "--save-format", "packed"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    assert stream_main([*args, "--save-format", "dense"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--save-format packed --save-dtype bfloat16" in err, err
+    assert stream_main([*args, "--save-format", "packed"]) == 0
+    capsys.readouterr()
+    packed = Checkpoint.open(out)
+    assert len(packed.packed) == 2 * 7
