@@ -286,6 +286,8 @@ def assemble(
             specs, pruned_here = _shard_specs(ckpt, store, names, layer_info, save)
             metadata = _shard_metadata(ckpt.path / shard)
             metadata.setdefault("format", "pt")
+            if not save.is_default or ckpt.packed:
+                metadata.pop("barber", None)  # from an input that is a barber output: not this output's
             if pruned_here:
                 entry = {"version": __version__, "tensors": pruned_here}
                 if not save.is_default:

@@ -203,3 +203,16 @@ def test_a_resume_in_another_save_format_is_refused(tmp_path, capsys):
     capsys.readouterr()
     packed = Checkpoint.open(out)
     assert len(packed.packed) == 2 * 7
+
+
+def test_a_packed_output_is_an_input_like_any_other(tmp_path):
+    src = make_tiny_checkpoint(tmp_path, "llama", shards=2, **CUTLASS_DIMS["llama"])
+    prune(src, tmp_path / "packed", "2:4", SaveFormat("packed", torch.bfloat16))
+    prune(tmp_path / "packed", tmp_path / "again", "2:4", SaveFormat())  # dense, the packed input's dtype
+    again = Checkpoint.open(tmp_path / "again")
+    assert not again.packed and "barber" not in json.loads((tmp_path / "again" / "config.json").read_text())
+    for shard in again.shard_files:
+        with safe_open(str(tmp_path / "again" / shard), framework="pt") as f:
+            barber = json.loads(f.metadata().get("barber", "{}"))
+        assert all("packed" not in entry for entry in barber.get("tensors", {}).values())
+    assert {again.info(n).dtype for n in again.tensor_names} == {torch.bfloat16}
