@@ -75,10 +75,11 @@ def plot(path: Path, report: dict | None = None, sparsity: dict[str, list[tuple[
             loss_ax.legend(fontsize=8)
         sparsity = _layer_sparsity(report)
         width = 0.4
-        for k, (kind, rows) in enumerate(_swaps(report).items()):
-            swaps_ax.bar([b + (k - 0.5) * width for b, _ in rows], [s for _, s in rows], width, label=kind)
-        swaps_ax.legend(fontsize=8)
-        if not report.get("swaps"):
+        if report.get("swaps"):
+            for k, (kind, rows) in enumerate(_swaps(report).items()):
+                swaps_ax.bar([b + (k - 0.5) * width for b, _ in rows], [s for _, s in rows], width, label=kind)
+            swaps_ax.legend(fontsize=8)
+        else:
             swaps_ax.text(0.5, 0.5, "no swaps (the rebuild was off)" if not report.get("settings", {}).get("rebuild")
                           else "no swaps", ha="center", va="center", transform=swaps_ax.transAxes)
     else:
