@@ -130,7 +130,8 @@ def render_markdown(report: dict, png: str | None = REPORT_PNG) -> str:
     lines += ["", "| block | sub-block | loss before | loss after | swaps | sparsity |", "|---|---|---|---|---|---|"]
     for block in report.get("blocks", []):
         for sub in block.get("subblocks", []):
-            locals_ = [n for n in block.get("layers", {}) if n in sub.get("swaps", {})] or list(block.get("layers", {}))
+            own = {**sub.get("swaps", {}), **(sub.get("reconstruct") or {}).get("relative_error", {})}
+            locals_ = [n for n in block.get("layers", {}) if n in own] or list(block.get("layers", {}))
             sp = [block["layers"][n]["sparsity"] for n in locals_ if n in block.get("layers", {})]
             before = sub.get("loss_before")
             lines.append(f"| {block['block']} | {sub['subblock']} | {'-' if before is None else f'{before:.4g}'} | "
