@@ -35,6 +35,8 @@ _EXPORTS = {
     "load_calibration": "barber.calib",
     "load_tokenizer": "barber.tokenizer",
     "BarberError": "barber.errors",
+    "load_pruned": "barber.load",
+    "SaveFormat": "barber.packed",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -10,6 +10,7 @@ The command line (`barber-stream`) and every tool call this, so what a run does 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +25,14 @@ from barber.errors import DataError, UsageError
 from barber.evaluate import PerplexityResult, perplexity
 from barber.layout import REPORT_FILE
 from barber.output import StopCheck, inspect_output
+from barber.packed import SaveFormat
 from barber.report import RunReport
 from barber.run import prune_checkpoint
 from barber.settings import PruneSettings
 from barber.tokenizer import load_tokenizer
 from barber.writer import write_json_atomic
 
-__all__ = ["Evaluation", "check_pattern_fits", "prune_and_evaluate", "read_text", "summary"]
+__all__ = ["Evaluation", "check_pattern_fits", "dense_bytes", "prune_and_evaluate", "read_text", "summary"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ def prune_and_evaluate(
     progress: bool = False,
     should_stop: StopCheck | None = None,
     state_interval: float = 0.0,
+    save: SaveFormat | None = None,
     say: Callable[[str], None] | None = None,
     world: World | None = None,
 ) -> RunReport | None:
@@ -90,7 +93,9 @@ def prune_and_evaluate(
         nsamples, seqlen, seed: the calibration windows drawn from a file.
         evaluation: perplexity of the result (and of the input, `dense`) on held-out text; the
             report then has an "eval" section.
-        budget, overwrite, resume, should_stop, state_interval: see `barber.run.prune_checkpoint`.
+        budget, overwrite, resume, should_stop, state_interval, save: see `barber.run.prune_checkpoint`;
+            with `save`, the report's "save" section has its format, dtype and `dense_bytes`, the size of
+            the dense output in that dtype (its `output_bytes` are what was written).
         say: receives one line per result as it is known (the CLI prints them).
         world: this process's rank in a data-parallel run (`barber.distributed`; default: one
             process). Rank 0 alone touches `out`, evaluates and says; the others only prune.
@@ -110,6 +115,10 @@ def prune_and_evaluate(
     else:
         evaluation, say = None, None
     check_pattern_fits(ckpt, settings)
+    extra: dict = {}
+    if save is not None and not save.is_default:
+        save.check(settings.pattern, ckpt.info(ckpt.block_tensor_name(0, ckpt.family.linears[0] + ".weight")).dtype)
+        extra["save"] = {**save.describe(), "dense_bytes": dense_bytes(ckpt, save.dtype)}
     tokenizer = load_tokenizer(ckpt.path)
     if isinstance(calib, torch.Tensor):
         ids, source = calib, "token ids"
@@ -125,8 +134,8 @@ def prune_and_evaluate(
         say(f"dense perplexity {dense.ppl:.4f} ({_windows(dense)} of {evaluation.text})")
     report = prune_checkpoint(
         ckpt, out, settings, ids, overwrite=overwrite, resume=resume, progress=progress,
-        extra_report={"calibration": {"source": source, "seed": seed}}, should_stop=should_stop, budget=budget,
-        state_interval=state_interval, world=world,
+        extra_report={"calibration": {"source": source, "seed": seed}, **extra}, should_stop=should_stop,
+        budget=budget, state_interval=state_interval, world=world, save=save,
     )
     if report is None:  # not rank 0
         return None
@@ -139,6 +148,16 @@ def prune_and_evaluate(
         if say:
             say(f"pruned perplexity {result.ppl:.4f} ({_windows(result)} of {evaluation.text})")
     return report
+
+
+def dense_bytes(ckpt: Checkpoint, dtype: torch.dtype | None = None) -> int:
+    """Data bytes of `ckpt`'s tensors stored dense, floating ones in `dtype` (None: as stored)."""
+    total = 0
+    for name in ckpt.tensor_names:
+        info = ckpt.info(name)
+        itemsize = dtype.itemsize if dtype is not None and info.dtype.is_floating_point else info.dtype.itemsize
+        total += itemsize * math.prod(info.shape)
+    return total
 
 
 def _evaluator(
@@ -176,8 +195,12 @@ def summary(blocks: int, settings: PruneSettings, report: RunReport, out: Path) 
     resumed = f" (resumed at block {report.resumed_at_block})" if report.resumed_at_block else ""
     lo, hi = report.row_sparsity
     rows = f", rows {lo:.4f} to {hi:.4f}" if hi - lo > 1e-12 else ""
+    save, stored = report.extra.get("save"), ""
+    if save and save.get("dense_bytes"):
+        stored = (f", {save['format']} {report.output_bytes / 1e6:.1f} MB = "
+                  f"{report.output_bytes / save['dense_bytes']:.3f} of dense {save['dense_bytes'] / 1e6:.1f} MB")
     return (
         f"pruned {blocks} blocks{resumed} to sparsity {report.sparsity:.4f}{rows} ({method}) "
         f"in {report.seconds['total']:.1f} s, "
-        f"peak RSS {report.peak_rss / 2**30:.2f} GiB -> {out}"
+        f"peak RSS {report.peak_rss / 2**30:.2f} GiB{stored} -> {out}"
     )

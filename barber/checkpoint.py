@@ -11,6 +11,9 @@ nothing of a finished block stays resident. Reads are serialised by a per-checkp
 prefetch thread (`BlockPrefetcher`) may read the next block while the caller computes. Returned
 tensors own their memory and may be modified. This module does I/O only; the math is in `barber.model`.
 
+A packed barber output (`--save-format packed`, `barber.packed`) reads like its dense output: config.json's
+``barber.tensors`` names the packed linears, which `tensor` unpacks (bit for bit the dense output's).
+
 Example::
 
     ckpt = Checkpoint.open("SmolLM2-135M")
@@ -30,10 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from barber import packed as packed_format
 from barber.config import ModelConfig, read_config_json
 from barber.errors import CheckpointError
 from barber.families import EMBED_KEYS, FINAL_KEYS, FamilySpec, family_for
 from barber.layout import INDEX_FILE, REPORT_FILE, SINGLE_FILE, WORK_DIR
+from barber.packed import Packed
 from barber.safetensors_format import TensorInfo, read_safetensors_header
 from barber.sysmem import drop_pages
 
@@ -55,12 +60,16 @@ class Checkpoint:
         shard_files: shard file names, sorted.
     """
 
-    def __init__(self, path: Path, config: ModelConfig, family: FamilySpec, infos: dict[str, TensorInfo]):
+    def __init__(
+        self, path: Path, config: ModelConfig, family: FamilySpec, infos: dict[str, TensorInfo],
+        packed: dict[str, tuple[Packed, dict[str, TensorInfo]]] | None = None,
+    ):
         """Use `Checkpoint.open`; this constructor does no validation."""
         self.path = path
         self.config = config
         self.family = family
         self._infos = infos
+        self.packed = packed or {}  # name -> (how it is stored, suffix -> its stored tensors)
         self._maps: dict[str, tuple[object, mmap.mmap]] = {}
         self._lock = threading.RLock()  # a prefetch thread may read the next block while this one computes
         self._block_shapes = family.block_shapes(config)
@@ -101,8 +110,8 @@ class Checkpoint:
             config = ModelConfig.from_dict(raw)
         except CheckpointError as exc:
             raise CheckpointError(f"{root / 'config.json'}: {exc}") from None
-        infos = _read_all_headers(root)
-        ckpt = cls(root, config, family, infos)
+        infos, packed = _dense_view(root, _read_all_headers(root), raw.get("barber"))
+        ckpt = cls(root, config, family, infos, packed)
         ckpt._validate_shapes()
         log.info("opened %s: %s, %d blocks, %d shard(s)", root, family.name, config.num_layers, len(ckpt.shard_files))
         return ckpt
@@ -171,7 +180,17 @@ class Checkpoint:
             dtype: convert to this dtype (default: the stored dtype).
             device: where the result lives.
         """
-        info = self.info(name)
+        if name in self.packed:
+            how, parts = self.packed[name]
+            try:
+                dense = packed_format.unpack(how, {suffix: self._read(info) for suffix, info in parts.items()})
+            except RuntimeError as exc:  # a damaged meta word or bitmask
+                raise CheckpointError(f"{self.path}: packed tensor {name!r} cannot be unpacked: {exc}") from None
+            return dense.to(device=device, dtype=dtype or how.dtype)
+        return self._read(self.info(name)).to(device=device, dtype=dtype or self.info(name).dtype)
+
+    def _read(self, info: TensorInfo) -> torch.Tensor:
+        """One stored tensor's bytes, copied out of the mapping, as a CPU tensor of its stored dtype and shape."""
         nbytes = info.end - info.start
         raw = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
@@ -186,8 +205,7 @@ class Checkpoint:
                     hi = min(lo + READ_CHUNK, nbytes)
                     dst[lo:hi] = np.frombuffer(mm, dtype=np.uint8, count=hi - lo, offset=info.start + lo)
                     drop_pages(mm, info.start + lo, info.start + hi)
-        t = raw.view(info.dtype).reshape(info.shape)
-        return t.to(device=device, dtype=dtype or info.dtype)
+        return raw.view(info.dtype).reshape(info.shape)
 
     def block_weights(
         self, i: int, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
@@ -326,6 +344,40 @@ def _read_all_headers(root: Path) -> dict[str, TensorInfo]:
     if single.is_file():
         return read_safetensors_header(single)
     raise CheckpointError(f"{root}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def _dense_view(
+    root: Path, infos: dict[str, TensorInfo], section: object
+) -> tuple[dict[str, TensorInfo], dict[str, tuple[Packed, dict[str, TensorInfo]]]]:
+    """The tensors as the model sees them: each packed linear (config.json barber.tensors) in place of its parts.
+
+    A packed linear's `TensorInfo` is its dense dtype and shape in the shard of its values (offsets 0 to
+    its dense size: it is never read directly); its two stored tensors must exist with the shapes and
+    dtypes its entry implies (CheckpointError otherwise).
+    """
+    if not isinstance(section, dict) or section.get("save_format") != "packed":
+        return infos, {}
+    entries = section.get("tensors")
+    if not isinstance(entries, dict):
+        raise CheckpointError(f"{root / 'config.json'}: barber.save_format is packed but barber.tensors is missing")
+    dense, packed = dict(infos), {}
+    for name, entry in entries.items():
+        how = packed_format.Packed.from_json(name, entry)
+        parts = {}
+        for suffix, (dtype, shape) in how.component_shapes().items():
+            info = dense.pop(name + suffix, None)
+            if info is None:
+                raise CheckpointError(f"{root}: tensor {name + suffix!r} of packed {name!r} is missing")
+            if info.dtype != dtype or info.shape != shape:
+                raise CheckpointError(
+                    f"{root}: tensor {name + suffix!r} is {info.dtype} {list(info.shape)}, "
+                    f"its packed entry implies {dtype} {list(shape)}"
+                )
+            parts[suffix] = info
+        shard = parts[packed_format.ENCODINGS[how.encoding][0]].shard
+        dense[name] = TensorInfo(shard, how.dtype, how.shape, 0, how.dtype.itemsize * how.shape[0] * how.shape[1])
+        packed[name] = (how, parts)
+    return dense, packed
 
 
 def _read_index(index: Path) -> dict[str, str]:

@@ -1,7 +1,10 @@
 """Command-line entry points. Only this module touches argv, stdout/stderr and logging setup.
 
-- `barber-eval` (`eval_main`): streaming perplexity of a checkpoint on a text file.
-- `barber-stream` (`stream_main`; also `python -m barber.stream`, the form torchrun launches): the pruner.
+- `barber-eval` (`eval_main`): streaming perplexity of a checkpoint (dense or packed) on a text file, and
+  with --last-word the zero-shot last-word accuracy (`barber.zeroshot`).
+- `barber-stream` (`stream_main`; also `python -m barber.stream`, the form torchrun launches): the pruner;
+  it leaves report.md and report.png beside the JSON report (`barber.report_view`) unless --no-report.
+- `barber-inspect` (`inspect_main`): checks and describes any output (`barber.inspector`), `--plot` draws one.
 
 `run_cli(body, argv)` is the shared wrapper: it parses nothing itself, runs `body(argv)`, and turns a
 `BarberError` into ``error: <one line>`` on stderr plus the error's exit code (never a traceback).
@@ -27,6 +30,7 @@ from barber.options import (
     apply_demo,
     budget_from_args,
     resolve_device,
+    save_from_args,
     settings_from_args,
     stream_parser,
 )
@@ -61,6 +65,11 @@ def _eval_parser() -> ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward call (default 1)")
     p.add_argument("--bos", action="store_true", help="prepend one BOS token to the token stream")
+    p.add_argument("--last-word", type=int, default=0, metavar="N",
+                   help="also the zero-shot last-word accuracy (LAMBADA-style) on the first N paragraphs of --text "
+                   "(barber.zeroshot; default 0: off)")
+    p.add_argument("--last-word-context", type=int, default=256, metavar="TOKENS",
+                   help="context tokens of each last-word item, at most (default 256)")
     p.add_argument("--json", default=None, help="also write the result and settings to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="count", default=0)
@@ -76,6 +85,8 @@ def _eval_body(argv: Sequence[str] | None) -> int:
         raise UsageError(f"--max-windows must be at least 1, got {args.max_windows}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.last_word < 0 or args.last_word_context < 1:
+        raise UsageError("--last-word must be >= 0 and --last-word-context >= 1")
 
     import torch
 
@@ -107,9 +118,19 @@ def _eval_body(argv: Sequence[str] | None) -> int:
         f"perplexity {result.ppl:.4f} (nll {result.nll:.6f}; {result.n_windows} windows of {args.seqlen} tokens, "
         f"{bos_note}, {args.dtype} on {device})"
     )
+    payload = result.to_dict()
+    if args.last_word:
+        from barber.zeroshot import last_word_accuracy, last_word_items
+
+        items = last_word_items(text, tokenizer.encode, args.last_word, args.last_word_context)
+        lw = last_word_accuracy(ckpt, items, device=device, dtype=getattr(torch, args.dtype),
+                                batch_size=args.batch_size, progress=not args.no_progress)
+        print(f"last-word accuracy {lw.accuracy:.4f} ({lw.correct} of {lw.items} paragraphs, LAMBADA-style, "
+              f"at most {args.last_word_context} context tokens)")
+        payload["last_word"] = lw.to_dict()
     if args.json:
         try:
-            Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+            Path(args.json).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
         except OSError as exc:
             raise UsageError(f"--json {args.json}: cannot write ({exc.strerror or exc})") from None
     return 0
@@ -205,8 +226,13 @@ def _prune_rank(args, world) -> int:
                 ckpt, args.out, settings, Path(args.calib) if args.calib else assets.botchan_path(),
                 nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, evaluation=evaluation, budget=budget,
                 overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress and world.decides,
-                should_stop=stop, state_interval=args.state_interval, say=print, world=world,
+                should_stop=stop, state_interval=args.state_interval, save=save_from_args(args), say=print,
+                world=world,
             )
+            if not args.no_report and world.decides:
+                from barber.report_view import write_report_files
+
+                logging.getLogger("barber.cli").info("wrote %s", ", ".join(map(str, write_report_files(args.out))))
         except KeyboardInterrupt:
             signum = stop.signum or signal.SIGINT
             raise Interrupted(
@@ -220,3 +246,51 @@ def _prune_rank(args, world) -> int:
 def stream_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `barber-stream`; returns the exit status."""
     return run_cli(_stream_body, argv)
+
+
+# ---- barber-inspect -----------------------------------------------------------------------------
+
+
+def _inspect_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog="barber-inspect",
+        description="Check and describe a barber output (dense or packed) or any checkpoint barber reads: per-layer "
+        "sparsity and N:M validity (every group), bytes on disk against dense, the run's settings and quality. "
+        "Exit status 0, 1 when a layer breaks its pattern, 3 for a damaged directory.",
+    )
+    p.add_argument("dir", help="the output directory")
+    p.add_argument("--json", action="store_true", help="print the inspection as JSON")
+    p.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
+                   help="also draw the report picture (default: DIR/report.png)")
+    p.add_argument("--summary", action="store_true", help="no per-layer lines")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    return p
+
+
+def _inspect_body(argv: Sequence[str] | None) -> int:
+    args = _inspect_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    from barber.inspector import format_text, inspect_output_dir
+
+    ins = inspect_output_dir(args.dir, progress=not args.no_progress)
+    if args.plot is not None:
+        from barber.layout import REPORT_PNG
+        from barber.report_view import plot
+
+        sparsity: dict[str, list] = {}
+        for layer in ins.layers:
+            if layer.block is not None:
+                sparsity.setdefault(layer.name.rsplit(".", 2)[-2], []).append((layer.block, layer.sparsity))
+        try:
+            plot(Path(args.plot) if args.plot else Path(ins.path) / REPORT_PNG, ins.report,
+                 None if ins.report else sparsity, title=f"barber-inspect: {Path(ins.path).name}")
+        except ImportError:
+            raise UsageError("--plot needs matplotlib (pip install matplotlib)") from None
+    print(json.dumps(ins.to_json(), indent=2) if args.json else format_text(ins, layers=not args.summary))
+    return 0 if ins.valid else 1
+
+
+def inspect_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `barber-inspect`; returns the exit status."""
+    return run_cli(_inspect_body, argv)

@@ -14,6 +14,9 @@ INDEX_FILE = "model.safetensors.index.json"
 #: and writes REPORT_FILE last: a directory with the first and without the second is unfinished.
 WORK_DIR = ".barber-work"
 REPORT_FILE = "barber_report.json"
+#: The report for people, beside REPORT_FILE (`barber.report_view`).
+REPORT_MD = "report.md"
+REPORT_PNG = "report.png"
 #: In WORK_DIR: the resume state, the output staged before it is renamed into place, and the pruned
 #: linears of finished block i (``BLOCK_FILE.format(i=i)``).
 STATE_FILE = "state.safetensors"

@@ -25,7 +25,7 @@ from barber.settings import DEFAULT_RECIPE, RECIPES, Reconstruct
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 __all__ = ["DEMO_OUT", "DTYPES", "STOP_SIGNALS", "STREAM_EPILOG", "ArgumentParser", "apply_demo", "budget_from_args",
-           "resolve_device", "settings_from_args", "stream_parser"]
+           "resolve_device", "save_from_args", "settings_from_args", "stream_parser"]
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -141,6 +141,16 @@ def _io_options(io) -> None:
         help="continue the interrupted run in --out (the default when one exists; with this flag, "
         "having nothing to resume is an error)",
     )
+    io.add_argument(
+        "--save-format", choices=["dense", "packed"], default="dense",
+        help="dense: every tensor as in the input, pruned entries +0.0 (what every engine reads); packed: each "
+        "pruned linear as values + metadata, PyTorch's CUTLASS 2:4 layout for 2:4 runs (16-bit weights), values + "
+        "a bitmask otherwise (smaller files; read by barber.load_pruned and barber-eval)",
+    )
+    io.add_argument("--save-dtype", choices=DTYPES, default=None,
+                    help="store every floating tensor in this dtype (default: the input's)")
+    io.add_argument("--no-report", action="store_true",
+                    help="do not write report.md and report.png beside barber_report.json")
     io.add_argument(
         "--demo",
         action="store_true",
@@ -356,6 +366,15 @@ def _construct(cls, **kwargs):
         return cls(**kwargs)
     except SettingsError as exc:
         raise UsageError(f"{_OPTION_OF.get(exc.field, exc.field)} {exc.detail}") from None
+
+
+def save_from_args(args: argparse.Namespace):
+    """The SaveFormat of the parsed options (checked against the pattern and checkpoint by `prune_and_evaluate`)."""
+    import torch
+
+    from barber.packed import SaveFormat
+
+    return SaveFormat(args.save_format, None if args.save_dtype is None else getattr(torch, args.save_dtype))
 
 
 def budget_from_args(args: argparse.Namespace):

@@ -3,7 +3,9 @@
 Output layout (`--out`): the input's non-weight files (config.json, tokenizer files, ...), the
 safetensors shards with the input's names, tensor names and index, pruned entries exactly +0.0,
 and `barber_report.json` (`REPORT_FILE`), written last: a directory without it is not a finished
-result.
+result. With a `SaveFormat` other than the default, every floating tensor is stored in its dtype and,
+for "packed", each pruned linear as two tensors (`barber.packed`); config.json then has a "barber"
+section (`config_section`) and each shard's `__metadata__["barber"]` says how its tensors are stored.
 
 While running, everything lives in `--out/.barber-work/` (`WORK_DIR`):
 
@@ -39,15 +41,19 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from barber import __version__
+from barber import packed as packed_format
 from barber.checkpoint import Checkpoint
 from barber.errors import RESUME_HINT, Interrupted, OutputError, StateError, UsageError
 from barber.layout import BLOCK_FILE, INDEX_FILE, REPORT_FILE, STAGE_DIR, STATE_FILE, WORK_DIR
+from barber.packed import SaveFormat
+from barber.prune import Pattern
+from barber.safetensors_format import Header, read_header
 from barber.writer import TensorSpec, fsync_dir, write_json_atomic, write_safetensors
 
 __all__ = [
     "BLOCK_FILE", "INDEX_FILE", "KILL_ENV", "REPORT_FILE", "STAGE_DIR", "STATE_FILE", "WORK_DIR",
-    "BlockStore", "StopCheck", "assemble", "check_stop", "clear_dir", "inspect_output", "kill_point", "locked",
-    "make_dir", "publish", "remove_temporaries",
+    "BlockStore", "StopCheck", "assemble", "check_stop", "clear_dir", "config_section", "inspect_output",
+    "kill_point", "locked", "make_dir", "publish", "remove_temporaries",
 ]
 
 KILL_ENV = "BARBER_TEST_KILL_AT"
@@ -249,12 +255,18 @@ def assemble(
     done_dir: Path | None = None,
     should_stop: StopCheck | None = None,
     progress: bool = True,
+    save: SaveFormat | None = None,
 ) -> int:
     """Write the output shards into `stage` (same names, tensors and index as the input); returns total bytes.
 
     A shard already in `stage` or in `done_dir` (written before an interruption) is not rewritten.
     A block file is deleted as soon as every shard holding its tensors is written.
+
+    `save` (default: dense, input dtypes, which writes exactly what earlier versions wrote) casts every
+    floating tensor to `save.dtype` and, for "packed", stores each pruned linear in the encoding
+    `barber.packed.plan` picks; then config.json in `stage` gets a "barber" section (`config_section`).
     """
+    save = save or SaveFormat()
     total = 0
     by_shard: dict[str, list[str]] = {}
     for name, shard in ckpt.weight_map.items():
@@ -262,23 +274,32 @@ def assemble(
     pending: dict[int, set[str]] = {}  # block -> shards still to write that hold its tensors
     for name, i in store.location.items():
         pending.setdefault(i, set()).add(ckpt.weight_map[name])
+    weight_map: dict[str, str] = {}
+    packed: dict[str, dict] = {}
     shards = tqdm(sorted(by_shard), desc="writing shards", unit="shard", leave=False, disable=not progress)
     for k, shard in enumerate(shards, 1):
         names = by_shard[shard]
-        if (stage / shard).is_file() or (done_dir is not None and (done_dir / shard).is_file()):
-            total += sum(ckpt.info(n).end - ckpt.info(n).start for n in names)
+        existing = next((d / shard for d in (stage, done_dir) if d is not None and (d / shard).is_file()), None)
+        if existing is not None:
+            header = _written_header(existing, save)
+            total += sum(info.end - info.start for info in header.tensors.values())
+            weight_map.update(dict.fromkeys(header.tensors, shard))
+            barber = json.loads(header.metadata.get("barber", "{}"))
+            packed.update({n: e["packed"] for n, e in barber.get("tensors", {}).items() if "packed" in e})
         else:
-            specs = []
-            for name in names:
-                info = ckpt.info(name)
-                produce = (lambda n=name: store.read(n)) if name in store.location else (lambda n=name: ckpt.tensor(n))
-                specs.append(TensorSpec(name, info.dtype, tuple(info.shape), produce))
+            specs, pruned_here = _shard_specs(ckpt, store, names, layer_info, save)
             metadata = _shard_metadata(ckpt.path / shard)
             metadata.setdefault("format", "pt")
-            pruned_here = {n: layer_info[n] for n in names if n in layer_info}
+            if not save.is_default or ckpt.packed:
+                metadata.pop("barber", None)  # from an input that is a barber output: not this output's
             if pruned_here:
-                metadata["barber"] = json.dumps({"version": __version__, "tensors": pruned_here}, sort_keys=True)
+                entry = {"version": __version__, "tensors": pruned_here}
+                if not save.is_default:
+                    entry["save"] = save.describe()
+                metadata["barber"] = json.dumps(entry, sort_keys=True)
             total += write_safetensors(stage / shard, specs, metadata)
+            weight_map.update(dict.fromkeys((s.name for s in specs), shard))
+            packed.update({n: e["packed"] for n, e in pruned_here.items() if "packed" in e})
             ckpt.release()
             kill_point(f"assemble:{k}")
         for i in list(pending):
@@ -290,9 +311,96 @@ def assemble(
     if (ckpt.path / INDEX_FILE).exists():
         index = json.loads((ckpt.path / INDEX_FILE).read_text())
         index.setdefault("metadata", {})["total_size"] = total
-        index["weight_map"] = dict(sorted(ckpt.weight_map.items()))
+        index["weight_map"] = dict(sorted(weight_map.items()))
         write_json_atomic(stage / INDEX_FILE, index)
+    _write_config(stage, save, packed)
     return total
+
+
+def _written_header(path: Path, save: SaveFormat) -> Header:
+    """The header of an output shard written before an interruption; refused when written in another save format."""
+    header = read_header(path)
+    barber = json.loads(header.metadata.get("barber", "{}"))
+    if "tensors" in barber and barber.get("save") != (None if save.is_default else save.describe()):
+        was = barber.get("save") or SaveFormat().describe()
+        raise UsageError(
+            f"{path} was written by the interrupted run with --save-format {was['format']} --save-dtype "
+            f"{was['dtype'] or 'unchanged'}; rerun with those, or add --overwrite to start over"
+        )
+    return header
+
+
+def _shard_specs(
+    ckpt: Checkpoint, store: BlockStore, names: list[str], layer_info: dict[str, dict], save: SaveFormat
+) -> tuple[list[TensorSpec], dict[str, dict]]:
+    """The tensors of one output shard, and its pruned linears' metadata entries (with "packed" when packed)."""
+    specs, pruned_here = [], {}
+
+    def read(name: str) -> torch.Tensor:
+        t = store.read(name) if name in store.location else ckpt.tensor(name)
+        return t.to(save.dtype) if save.dtype is not None and t.dtype.is_floating_point else t
+
+    for name in names:
+        info = ckpt.info(name)
+        dtype = save.dtype if save.dtype is not None and info.dtype.is_floating_point else info.dtype
+        if name in layer_info:
+            pruned_here[name] = dict(layer_info[name])
+        if name in layer_info and save.format == "packed":
+            plan = packed_format.plan(read(name), Pattern.parse(layer_info[name]["pattern"]))
+            pruned_here[name]["packed"] = plan.to_json()
+            parts = _PackedParts(lambda n=name: read(n), plan)
+            for suffix, (part_dtype, shape) in plan.component_shapes().items():
+                specs.append(TensorSpec(name + suffix, part_dtype, shape, lambda p=parts, s=suffix: p.take(s)))
+        else:
+            specs.append(TensorSpec(name, dtype, tuple(info.shape), lambda n=name: read(n)))
+    return specs, pruned_here
+
+
+class _PackedParts:
+    """One packed linear's stored tensors, packed on first use and handed out once each."""
+
+    def __init__(self, read: Callable[[], torch.Tensor], plan: packed_format.Packed):
+        self.read, self.plan, self.parts = read, plan, None
+
+    def take(self, suffix: str) -> torch.Tensor:
+        if self.parts is None:
+            self.parts = packed_format.pack(self.read(), self.plan)
+        return self.parts.pop(suffix)
+
+
+def _write_config(stage: Path, save: SaveFormat, packed: dict[str, dict]) -> None:
+    """Put the "barber" section (`config_section`) into the staged config.json, and `save.dtype` as its dtype.
+
+    Left untouched (byte for byte the input's) for a default save of an input without such a section.
+    """
+    path = stage / "config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if save.is_default and "barber" not in config:
+        return
+    config.pop("barber", None)  # an input that was itself a barber output
+    if not save.is_default:
+        config["barber"] = config_section(save, packed)
+    if save.dtype is not None:
+        for key in {"torch_dtype", "dtype"} & config.keys() or {"torch_dtype"}:
+            config[key] = str(save.dtype).removeprefix("torch.")
+    write_json_atomic(path, config)
+
+
+def config_section(save: SaveFormat, packed: dict[str, dict]) -> dict:
+    """config.json's "barber" section: the save format and dtype, and for "packed" every packed tensor's entry.
+
+    ``{"save_format", "save_dtype", "version" (the packed layout's), "encodings" (encoding -> its two tensors),
+    "tensors": {NAME: {"encoding", "shape", "dtype", "nnz"}}}`` (see `barber.packed`).
+    """
+    section: dict = {"save_format": save.format, "save_dtype": save.describe()["dtype"], "barber_version": __version__}
+    if save.format == "packed":
+        section["version"] = packed_format.FORMAT_VERSION
+        encodings = packed_format.ENCODINGS.items()
+        section["encodings"] = {enc: [f"NAME{s}" for s in suffixes] for enc, suffixes in encodings}
+        section["tensors"] = dict(sorted(packed.items()))
+    return section
 
 
 def publish(stage: Path, out_dir: Path) -> list[str]:

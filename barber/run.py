@@ -46,6 +46,7 @@ from barber.output import (
     publish,
     remove_temporaries,
 )
+from barber.packed import SaveFormat
 from barber.pipeline import BlockState, Pruner
 from barber.report import BlockReport, RunReport
 from barber.settings import PruneSettings
@@ -74,6 +75,7 @@ class RunOptions:
     should_stop: StopCheck | None = None
     budget: MemoryBudget | None = None
     state_interval: float = 0.0
+    save: SaveFormat | None = None  # how the output is stored (barber.packed); None: dense, input dtypes
 
 
 def _resume_state(work: Path, fp: Fingerprint, out_dir: Path) -> SavedState:
@@ -108,6 +110,7 @@ def prune_checkpoint(
     budget: MemoryBudget | None = None,
     state_interval: float = 0.0,
     world: World | None = None,
+    save: SaveFormat | None = None,
 ) -> RunReport | None:
     """Prune `ckpt` into `out_dir`, block by block, and return the report (also written there, as JSON).
 
@@ -131,7 +134,7 @@ def prune_checkpoint(
         Interrupted: `should_stop` asked to stop.
         DistributedError: a rank was lost (on ranks other than 0 also: rank 0 failed, with its exit code).
     """
-    opts = RunOptions(overwrite, resume, progress, should_stop, budget, state_interval)
+    opts = RunOptions(overwrite, resume, progress, should_stop, budget, state_interval, save)
     world = world or World.solo()
     if not world.decides:
         return _follow(ckpt, settings, calib_ids, opts, world)
@@ -356,7 +359,8 @@ def _run(
     remove_temporaries(stage)
     copy_side_files(ckpt.path, stage, skip={REPORT_FILE})  # an input that is itself a barber result
     total_bytes = assemble(
-        ckpt, store, stage, layer_info, done_dir=out_dir, should_stop=opts.should_stop, progress=opts.progress
+        ckpt, store, stage, layer_info, done_dir=out_dir, should_stop=opts.should_stop, progress=opts.progress,
+        save=opts.save,
     )
     publish(stage, out_dir)
     return RunResult(

@@ -23,7 +23,7 @@ from typing import BinaryIO
 import torch
 
 from barber.errors import OutputError
-from barber.layout import INDEX_FILE
+from barber.layout import INDEX_FILE, REPORT_FILE, REPORT_MD, REPORT_PNG
 from barber.safetensors_format import DTYPE_NAMES
 
 WEIGHT_SUFFIXES = (".safetensors",)
@@ -143,6 +143,12 @@ def write_json_atomic(path: Path, payload: object) -> None:
         _write_bytes(f, data)
 
 
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file, fsync and rename."""
+    with _atomic(path, f"cannot write {path}") as f:
+        _write_bytes(f, data)
+
+
 def copy_file_atomic(src: Path, dst: Path) -> None:
     """Copy `src` to `dst` (data and permission bits/times) through a temporary name, fsync and rename."""
     with _atomic(dst, f"cannot copy {src.name} to {dst.parent}") as fout, open(src, "rb") as fin:
@@ -153,8 +159,13 @@ def copy_file_atomic(src: Path, dst: Path) -> None:
 
 
 def copy_side_files(src: Path, dst: Path, skip: Collection[str] = ()) -> list[str]:
-    """Copy every regular non-weight file (config, tokenizer, ...) from `src` to `dst`, except `skip`."""
+    """Copy every regular non-weight file (config, tokenizer, ...) from `src` to `dst`, except `skip`.
+
+    From a barber output (it has REPORT_FILE), its report.md and report.png are not copied either.
+    """
     copied = []
+    if (src / REPORT_FILE).is_file():
+        skip = {*skip, REPORT_MD, REPORT_PNG}
     for item in sorted(src.iterdir()):
         if not item.is_file() or item.suffix in WEIGHT_SUFFIXES or item.name == INDEX_FILE or item.name in skip:
             continue

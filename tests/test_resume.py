@@ -54,7 +54,7 @@ def inputs(tmp_path_factory):
 def argv(inputs, out: Path, *extra: str, ids: Path | None = None, ckpt: Path | None = None, ratio="0.2") -> list[str]:
     return [
         "--ckpt", str(ckpt or inputs["ckpt"]), "--out", str(out), "--calib", str(ids or inputs["ids"]),
-        "--rebuild-ratio", ratio, "--no-progress", *extra,
+        "--rebuild-ratio", ratio, "--no-progress", "--no-report", *extra,  # report.md holds times
     ]
 
 

@@ -22,7 +22,7 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
 fi
 "$VPY" -c "import torch" || { echo "bootstrap: torch failed to install" >&2; exit 1; }
 echo "bootstrap: installing dependencies"
-pipq setuptools wheel ninja pybind11 numpy safetensors tokenizers sentencepiece tqdm \
+pipq setuptools wheel ninja pybind11 numpy safetensors tokenizers sentencepiece tqdm matplotlib \
      gguf mwparserfromhell pytest hypothesis transformers accelerate psutil ruff
 
 if [ ! -f /usr/include/gtest/gtest.h ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
