@@ -18,6 +18,7 @@ import torch
 from helpers_models import make_tiny_checkpoint
 
 from barber.cli import stream_main
+from barber.layout import REPORT_FILE, REPORT_MD, REPORT_PNG
 from barber.output import KILL_ENV, WORK_DIR
 from barber.state import load_state
 
@@ -43,10 +44,10 @@ def argv(inputs, out: Path, *extra: str) -> list[str]:
 
 
 def digest(out: Path) -> str:
-    """sha256 over every output file but the report (which holds times)."""
+    """sha256 over every output file but the reports (which hold times)."""
     h = hashlib.sha256()
     for f in sorted(out.iterdir()):
-        if f.is_file() and f.name != "barber_report.json":
+        if f.is_file() and f.name not in (REPORT_FILE, REPORT_MD, REPORT_PNG):
             h.update(f.name.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()
 

@@ -26,7 +26,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 #: Shapes CUTLASS 2:4 takes in every family (rows a multiple of 32, cols of 64).
 CUTLASS_DIMS = {"llama": dict(intermediate_size=128), "qwen2": dict(intermediate_size=128),
-                "mistral": dict(intermediate_size=128, num_key_value_heads=2), "opt": dict(ffn_dim=128)}
+                "mistral": dict(intermediate_size=128, num_key_value_heads=2), "opt": dict(ffn_dim=128),
+                "qwen3": dict(intermediate_size=128, head_dim=16), "phi3": dict(intermediate_size=128),
+                "gemma2": dict(intermediate_size=128), "gemma3_text": dict(intermediate_size=128)}
 
 
 def calib_ids() -> torch.Tensor:
