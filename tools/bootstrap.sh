@@ -23,7 +23,7 @@ fi
 "$VPY" -c "import torch" || { echo "bootstrap: torch failed to install" >&2; exit 1; }
 echo "bootstrap: installing dependencies"
 pipq setuptools wheel ninja pybind11 numpy safetensors tokenizers sentencepiece tqdm matplotlib \
-     gguf mwparserfromhell pytest hypothesis transformers accelerate psutil ruff
+     gguf mwparserfromhell pytest hypothesis transformers accelerate psutil ruff lm-eval
 
 if [ ! -f /usr/include/gtest/gtest.h ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "bootstrap: installing GoogleTest (libgtest-dev)"
