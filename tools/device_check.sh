@@ -15,6 +15,7 @@
 #           calibration tokens, bfloat16 on cuda, plus a run under --max-gpu-memory 6GiB
 #   ops     tools/bench/bench_ops.py --device cuda
 #   tf32    the same 2-block prune with and without --allow-tf32: how many mask entries differ
+#   sparse24  tools/bench/bench_sparse24.py: tokens/s of dense against 2:4 semi-structured linears (7B/13B shapes)
 #   same    the same bytes on the GPU: micro-batches 1, 4 and 16 (batch invariance of the kernels,
 #           docs/algorithm.md §10.3), and with two or more GPUs a 2-rank NCCL run against one process
 # Results (flat, at most 8 files, as the device tool returns them) go to $OUT:
@@ -22,7 +23,7 @@
 #   summary.txt
 #
 # By hand, on any machine:
-#     OUT=/tmp/dc bash tools/device_check.sh [--cpu] [--quick] [--steps build,tests,stream,ops,tf32,same]
+#     OUT=/tmp/dc bash tools/device_check.sh [--cpu] [--quick] [--steps build,tests,stream,ops,tf32,same,sparse24]
 #   --cpu    run the steps on the CPU with small sizes (the CUDA parts are skipped; the tf32 step then only
 #            exercises its code: TF32 does nothing on a CPU)
 #   --quick  smaller benchmarks (fewer tokens and blocks)
@@ -39,7 +40,7 @@ WORK="${WORK:-/tmp/barber-device-work}"
 BUDGET_S="${BUDGET_S:-560}"
 MODE=cuda
 QUICK=0
-STEPS="build,tests,stream,ops,tf32,same"
+STEPS="build,tests,stream,ops,tf32,same,sparse24"
 
 usage() { sed -n '2,/^$/p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
@@ -54,7 +55,7 @@ while [ $# -gt 0 ]; do
     shift
 done
 for s in ${STEPS//,/ }; do
-    case "$s" in build|tests|stream|ops|tf32|same) ;; *) echo "device_check: unknown step: $s" >&2; exit 2 ;; esac
+    case "$s" in build|tests|stream|ops|tf32|same|sparse24) ;; *) echo "device_check: unknown step: $s" >&2; exit 2 ;; esac
 done
 
 if [ -z "${PYTHON:-}" ]; then
@@ -261,6 +262,11 @@ EOF
 }
 if wants same; then
     step same 150 same_check
+fi
+
+# ---- 2:4 semi-structured speed --------------------------------------------------------------------
+if wants sparse24 && [ "$MODE" = cuda ]; then
+    step sparse24 90 "$PYTHON" tools/bench/bench_sparse24.py --iters 20
 fi
 
 rm -rf "$WORK/tf32" "$WORK/same" "$WORK"/barber-bench-stream-* 2>/dev/null
