@@ -27,6 +27,7 @@ from barber.config import FULL, SLIDING, ModelConfig
 from barber.errors import CheckpointError
 from barber.evaluate import perplexity
 from barber.families import FAMILIES, family_for
+from barber.layout import REPORT_MD, REPORT_PNG
 from barber.model import Arch, rotary_inv_freq
 from barber.output import KILL_ENV, REPORT_FILE, WORK_DIR
 from barber.prune import Granularity, Pattern
@@ -271,7 +272,7 @@ def _argv(src, out, ids) -> list[str]:
 
 def _digests(out) -> dict[str, str]:
     return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(out.rglob("*")) if p.is_file() and p.name != REPORT_FILE}
+            for p in sorted(out.rglob("*")) if p.is_file() and p.name not in (REPORT_FILE, REPORT_MD, REPORT_PNG)}
 
 
 def test_sigkill_then_same_command_is_byte_identical(tmp_path, capsys):
