@@ -166,3 +166,14 @@ def write_byte_tokenizer(path: Path) -> Path:
     tok.decoder = decoders.ByteLevel()
     tok.save(str(path))
     return Path(path)
+
+
+def read_shards(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files in `path`, as stored (name -> tensor)."""
+    from safetensors import safe_open
+
+    out = {}
+    for shard in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out

@@ -19,8 +19,14 @@ import sys
 
 import pytest
 import torch
-from helpers_models import FAMILY_NAMES, make_tiny_checkpoint, make_tiny_model, save_checkpoint, tiny_config
-from safetensors import safe_open
+from helpers_models import (
+    FAMILY_NAMES,
+    make_tiny_checkpoint,
+    make_tiny_model,
+    read_shards,
+    save_checkpoint,
+    tiny_config,
+)
 
 from barber.checkpoint import Checkpoint
 from barber.config import FULL, SLIDING, ModelConfig
@@ -45,13 +51,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def calib_ids(seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (NSAMPLES, SEQLEN), generator=torch.Generator().manual_seed(seed))
 
-
-def read_all(path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(path.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def hf_dict(family: str, layers: int = 3, **overrides) -> dict:
@@ -218,7 +217,7 @@ def test_fused_matrices_are_pruned_row_by_row_like_their_parts(tmp_path, pattern
     for name, src in (("fused", fused_dir), ("split", split_dir)):
         reports[name] = prune_checkpoint(Checkpoint.open(src), tmp_path / f"out-{name}", PruneSettings(**settings),
                                          calib_ids(), progress=False).to_json()
-    fused, split = read_all(tmp_path / "out-fused"), read_all(tmp_path / "out-split")
+    fused, split = read_shards(tmp_path / "out-fused"), read_shards(tmp_path / "out-split")
     for i in range(2):
         p = f"model.layers.{i}."
         for stored, parts in (("self_attn.qkv_proj", ("q", "k", "v")), ("mlp.gate_up_proj", ("gate", "up"))):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers_models import FAMILY_NAMES, make_tiny_checkpoint
+from helpers_models import FAMILY_NAMES, make_tiny_checkpoint, read_shards
 from safetensors import safe_open
 
 from barber import load_pruned
@@ -44,13 +44,6 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.uint8)
 
 
-def stored(path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(path.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
 
 def assert_same_bits(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
@@ -65,7 +58,7 @@ def test_packed_loads_bit_for_bit_as_the_dense_output(tmp_path, family, pattern)
     save = torch.bfloat16
     prune(src, tmp_path / "dense", pattern, SaveFormat("dense", save))
     prune(src, tmp_path / "packed", pattern, SaveFormat("packed", save))
-    dense = stored(tmp_path / "dense")
+    dense = read_shards(tmp_path / "dense")
     packed = Checkpoint.open(tmp_path / "packed")
     assert_same_bits(dense, {n: packed.tensor(n) for n in packed.tensor_names})
 
@@ -74,7 +67,7 @@ def test_packed_loads_bit_for_bit_as_the_dense_output(tmp_path, family, pattern)
     assert section["save_format"] == "packed" and section["save_dtype"] == "bfloat16"
     assert {e["encoding"] for e in section["tensors"].values()} == {encoding}
     assert set(section["tensors"]) == set(packed.packed)
-    raw = stored(tmp_path / "packed")
+    raw = read_shards(tmp_path / "packed")
     for name in section["tensors"]:
         assert name not in raw and {name + ".values"} <= raw.keys()
     dense_config = json.loads((tmp_path / "dense" / "config.json").read_text())
@@ -109,7 +102,7 @@ def test_shapes_cutlass_cannot_hold_fall_back_to_the_bitmask(tmp_path):
     encodings = {n.split(".", 3)[3]: how.encoding for n, (how, _) in packed.packed.items() if ".0." in n}
     assert encodings["self_attn.q_proj.weight"] == CUTLASS_24
     assert encodings["self_attn.k_proj.weight"] == encodings["mlp.down_proj.weight"] == BITMASK
-    assert_same_bits(stored(tmp_path / "dense"), {n: packed.tensor(n) for n in packed.tensor_names})
+    assert_same_bits(read_shards(tmp_path / "dense"), {n: packed.tensor(n) for n in packed.tensor_names})
 
 
 def test_plan_falls_back_where_cutlass_would_lose_bits():

@@ -8,8 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers_models import FAMILY_NAMES, make_tiny_checkpoint
-from safetensors import safe_open
+from helpers_models import FAMILY_NAMES, make_tiny_checkpoint, read_shards
 
 from barber.checkpoint import Checkpoint
 from barber.evaluate import perplexity
@@ -25,13 +24,6 @@ def calib_ids(vocab: int = 256, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (NSAMPLES, SEQLEN), generator=g)
 
-
-def read_all(path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(path.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def run(ckpt_dir, out_dir, **kw) -> dict:
@@ -51,7 +43,7 @@ def test_every_method_gives_exact_sparsity(tmp_path, family, init, pattern):
     pat = Pattern.parse(pattern)
     report = run(src, tmp_path / "out", init=init, pattern=pat, ratio=0.2, granularity=Granularity.ROW)
     ckpt = Checkpoint.open(src)
-    before, after = read_all(src), read_all(tmp_path / "out")
+    before, after = read_shards(src), read_shards(tmp_path / "out")
     assert before.keys() == after.keys()
     assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == sorted(ckpt.shard_files)
     targets = pruned_names(ckpt)
@@ -79,7 +71,7 @@ def test_ratio_zero_reproduces_the_initial_mask(tmp_path):
     run(src, tmp_path / "a", rebuild=False)
     report = run(src, tmp_path / "b", ratio=0.0)
     assert report["swaps"] == 0
-    a, b = read_all(tmp_path / "a"), read_all(tmp_path / "b")
+    a, b = read_shards(tmp_path / "a"), read_shards(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -100,7 +92,7 @@ def test_granularity_keeps_its_group_counts(tmp_path, granularity):
     report = run(src, tmp_path / "out", ratio=0.5, granularity=granularity)
     assert report["swaps"] > 0
     assert report["sparsity"] == pytest.approx(0.5)
-    out = read_all(tmp_path / "out")
+    out = read_shards(tmp_path / "out")
     ckpt = Checkpoint.open(src)
     lows, highs = [], []
     for block in report["blocks"]:  # the reported row range is that of the written weights
