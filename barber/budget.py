@@ -129,6 +129,8 @@ class ModelShapes:
     mlp: tuple[str, ...]
     embed_numel: int  # the tensors `start` reads (embedding, positions, projection)
     score_heads: int = 0  # heads whose [T, T] scores are materialised (Gemma 2's soft-capped attention), else 0
+    mlp_width: int = 0  # MLP activation width per token (a mixture of experts: top-k routed + shared); 0: widest
+    one_window: bool = False  # one calibration window per call (a mixture of experts: see barber.moe)
 
 
 def model_shapes(ckpt: Checkpoint) -> ModelShapes:
@@ -148,7 +150,14 @@ def model_shapes(ckpt: Checkpoint) -> ModelShapes:
         mlp=tuple(fam.mlp_linears),
         embed_numel=embed,
         score_heads=ckpt.config.num_heads if fam.attn_softcapping and ckpt.config.attn_logit_softcapping else 0,
+        mlp_width=_moe_width(ckpt.config) if fam.moe else 0,
+        one_window=fam.moe is not None,
     )
+
+
+def _moe_width(cfg) -> int:
+    """Per token, the widths of the experts it runs: its top-k routed experts and the shared one."""
+    return cfg.experts_per_token * cfg.moe_intermediate_size + cfg.shared_expert_intermediate_size
 
 
 @dataclass(frozen=True)
@@ -190,7 +199,7 @@ def _per_sample_activation_bytes(sh: ModelShapes, seqlen: int, compute_bytes: in
     and a gradient, 4 float32 values per entry.
     """
     d = sh.hidden
-    f = max((max(sh.linears[n]) for n in sh.mlp), default=d)
+    f = sh.mlp_width or max((max(sh.linears[n]) for n in sh.mlp), default=d)
     scores = 4 * 4 * sh.score_heads * seqlen * seqlen
     grad = 4 * seqlen * max(16 * d, 4 * d + 8 * f) + scores
     forward = compute_bytes * seqlen * (6 * d + 4 * f) + 4 * seqlen * 2 * max(d, f) + scores  # + float32 statistics
@@ -333,7 +342,8 @@ def plan_memory(
         device: the compute device (cpu, cuda, cuda:N).
         budget: the user's budgets (None = automatic) and forced placement.
         batch_size: samples per call asked for (0 = automatic: AUTO_BATCH_TOKENS tokens); the
-            plan may lower it to fit the budget, never raise it.
+            plan may lower it to fit the budget, never raise it. A mixture of experts
+            (`ModelShapes.one_window`) always runs one window per call.
         sparsegpt: the initial method keeps X^T X and updated weights.
         base_rss: what the process holds already (RSS before the pruner allocates).
         extra_block_bytes: what a step beyond the rebuild holds on the compute device at its peak
@@ -356,7 +366,7 @@ def plan_memory(
         embed=sh.embed_numel * c,
     )
     wanted = batch_size if batch_size > 0 else max(1, AUTO_BATCH_TOKENS.get(kind, 4096) // seqlen)
-    wanted = min(wanted, nsamples)
+    wanted = 1 if sh.one_window else min(wanted, nsamples)
     candidates = _candidates(budget, on_gpu)
     for placement, prefetch in candidates:
         for mb in range(wanted, 0, -1) if wanted <= 64 else _halving(wanted):

@@ -67,7 +67,7 @@ class Checkpoint:
         """Use `Checkpoint.open`; this constructor does no validation."""
         self.path = path
         self.config = config
-        self.family = family
+        self.family = family.for_config(config)
         self._infos = infos
         self.packed = packed or {}  # name -> (how it is stored, suffix -> its stored tensors)
         self._maps: dict[str, tuple[object, mmap.mmap]] = {}
@@ -110,6 +110,7 @@ class Checkpoint:
             config = ModelConfig.from_dict(raw)
         except CheckpointError as exc:
             raise CheckpointError(f"{root / 'config.json'}: {exc}") from None
+        family = family.for_config(config)
         infos, packed = _dense_view(root, _read_all_headers(root), raw.get("barber"))
         ckpt = cls(root, config, family, infos, packed)
         ckpt._validate_shapes()

@@ -8,12 +8,16 @@ Both the transformers 4 and transformers 5 spellings are accepted:
 - per-layer attention: `layer_types` (5.x) or, for Gemma, the 4.x default pattern (Gemma 2: every
   other layer sliding; Gemma 3: `sliding_window_pattern`, five sliding layers then one full);
 - Gemma's `hidden_activation`, `query_pre_attn_scalar` and logit soft-capping;
-- OPT's own names: `ffn_dim`, `activation_function`, `enable_bias`, `word_embed_proj_dim`, `do_layer_norm_before`.
+- OPT's own names: `ffn_dim`, `activation_function`, `enable_bias`, `word_embed_proj_dim`, `do_layer_norm_before`;
+- mixture-of-experts (`MOE_TYPES`): `num_local_experts` (Mixtral) or `num_experts` (Qwen),
+  `num_experts_per_tok`, Qwen's `moe_intermediate_size`, `shared_expert_intermediate_size` and
+  `norm_topk_prob`; every block must be a mixture-of-experts block (`mlp_only_layers` empty,
+  `decoder_sparse_step` 1), as in every released checkpoint of these types.
 
 Supported rotary types: `default`, `linear` and `llama3` (LLaMA-3.1 style). Any other type is a
 `CheckpointError`, never a silent fallback to unscaled positions; so is any structure barber does
-not model (a vision tower, experts, latent attention, bidirectional attention), with one line
-naming the `model_type`.
+not model (a vision tower, experts outside `MOE_TYPES`, latent attention, bidirectional attention), with
+one line naming the `model_type`.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ FULL, SLIDING = "full_attention", "sliding_attention"
 #: Gemma's layer pattern where a 4.x config.json has no `layer_types`: every n-th layer is full (n from
 #: `sliding_window_pattern` when given).
 _DEFAULT_PATTERN = {"gemma2": 2, "gemma3_text": 6}
+#: Mixture-of-experts model types whose expert keys are read, not refused (see `_experts`).
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 #: config.json keys of structures barber does not model -> what they are (refused, naming the model_type).
 _UNSUPPORTED_KEYS = {
     "vision_config": "a vision tower",
@@ -86,6 +92,11 @@ class ModelConfig:
         do_layer_norm_before: pre-LN (True) or post-LN (False, OPT-350m).
         final_layer_norm: OPT has a final LayerNorm only when pre-LN and not `_remove_final_layer_norm`.
         norm_affine: OPT `layer_norm_elementwise_affine`.
+        qkv_bias: q/k/v carry biases by config.json's `qkv_bias` (Qwen2-MoE; o never does).
+        num_experts: routed experts per block (0: a dense MLP); experts_per_token: how many each token uses.
+        moe_intermediate_size: width of one routed expert (Mixtral: `intermediate_size`).
+        shared_expert_intermediate_size: width of the always-on shared expert (Qwen2-MoE), else 0.
+        norm_topk_prob: the chosen experts' probabilities are renormalised to sum to 1 (Mixtral always).
     """
 
     model_type: str
@@ -116,6 +127,12 @@ class ModelConfig:
     do_layer_norm_before: bool = True
     final_layer_norm: bool = True
     norm_affine: bool = True
+    qkv_bias: bool = False
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = False
 
     def layer_type(self, i: int) -> str:
         """`FULL` or `SLIDING`: how block `i` attends."""
@@ -180,6 +197,8 @@ def token_id(d: Mapping[str, Any], key: str) -> int | None:
 def _refuse_unsupported(model_type: str, d: Mapping[str, Any]) -> None:
     """A one-line CheckpointError naming `model_type` when config.json describes a structure barber lacks."""
     for key, what in _UNSUPPORTED_KEYS.items():
+        if model_type in MOE_TYPES and what == "mixture-of-experts blocks":
+            continue
         if d.get(key) not in (None, False, 0):
             raise CheckpointError(f"model_type {model_type!r}: {what} ({key}) is not supported")
 
@@ -317,6 +336,36 @@ def _rotary_config(model_type: str, d: Mapping[str, Any]) -> ModelConfig:
         attn_logit_softcapping=_get(d, "attn_logit_softcapping", float, None, positive=True),
         final_logit_softcapping=_get(d, "final_logit_softcapping", float, None, positive=True),
         word_embed_proj_dim=hidden,
+        qkv_bias=model_type == "qwen2_moe" and _get(d, "qkv_bias", bool, True),
+        **_experts(model_type, d),
+    )
+
+
+def _experts(model_type: str, d: Mapping[str, Any]) -> dict[str, Any]:
+    """The mixture-of-experts fields of `ModelConfig` (empty for a dense model type)."""
+    if model_type not in MOE_TYPES:
+        return {}
+    key = "num_local_experts" if "num_local_experts" in d else "num_experts"
+    experts = _get(d, key, int, positive=True)
+    per_token = _get(d, "num_experts_per_tok", int, positive=True)
+    if per_token > experts:
+        raise CheckpointError(f"num_experts_per_tok={per_token} is more than the {experts} experts")
+    only = d.get("mlp_only_layers") or []
+    step = _get(d, "decoder_sparse_step", int, 1, positive=True)
+    if only or step != 1:
+        raise CheckpointError(
+            f"model_type {model_type!r}: dense MLP blocks between mixture-of-experts blocks "
+            f"(mlp_only_layers={only}, decoder_sparse_step={step}) are not supported"
+        )
+    mixtral = model_type == "mixtral"
+    return dict(
+        num_experts=experts,
+        experts_per_token=per_token,
+        moe_intermediate_size=_get(d, "intermediate_size" if mixtral else "moe_intermediate_size", int, positive=True),
+        shared_expert_intermediate_size=(
+            _get(d, "shared_expert_intermediate_size", int, positive=True) if model_type == "qwen2_moe" else 0
+        ),
+        norm_topk_prob=True if mixtral else _get(d, "norm_topk_prob", bool, False),
     )
 
 

@@ -17,6 +17,11 @@ are the same except where a family fuses several logical linears into one stored
 and rebuild rows of the fused matrix are exactly those of its parts. `FamilySpec.linears` and the
 sub-block name lists are stored names; `FamilySpec.fused_parts` says which rows hold which part.
 
+Mixture-of-experts families (`FamilySpec.moe`, a `MoESpec`) replace the MLP by a router and routed
+experts (and Qwen2-MoE's gated shared expert). Their linear names depend on the number of experts, so
+such a spec is resolved for one config with `FamilySpec.for_config` (`barber.model.Arch` and
+`barber.checkpoint.Checkpoint` do it); the routers stay dense and are not in `linears`.
+
 Model types that are not in `FAMILIES` are refused with one line naming the `model_type`
 (`family_for`); `REFUSED` gives the reason for the ones people ask for.
 """
@@ -34,6 +39,41 @@ from barber.errors import CheckpointError
 EMBED_KEYS = ("embed_tokens", "embed_positions", "project_in")
 FINAL_KEYS = ("norm.weight", "norm.bias", "project_out", "lm_head")
 GLOBAL_KEYS = EMBED_KEYS + FINAL_KEYS
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """Where a mixture-of-experts MLP keeps its tensors (block-local names, without ``.weight``).
+
+    Attributes:
+        router: the [experts, d] router linear (kept dense).
+        expert: prefix of expert e, with an ``{e}`` field, e.g. ``"block_sparse_moe.experts.{e}."``.
+        gate, up, down: an expert's linears below its prefix: down(act(gate(x)) * up(x)).
+        shared: prefix of the always-on shared expert (Qwen2-MoE), or None.
+        shared_gate: the [1, d] linear whose sigmoid scales the shared expert's output, or None.
+        float32_scores: expert outputs are scaled by the float32 routing weights before the cast back
+            (Mixtral); otherwise the weights are cast to the compute dtype first (Qwen).
+    """
+
+    router: str
+    expert: str
+    gate: str
+    up: str
+    down: str
+    shared: str | None = None
+    shared_gate: str | None = None
+    float32_scores: bool = False
+
+    def expert_linears(self, e: int) -> tuple[str, str, str]:
+        """Expert e's (gate, up, down) block-local names."""
+        prefix = self.expert.format(e=e)
+        return (prefix + self.gate, prefix + self.up, prefix + self.down)
+
+    def shared_linears(self) -> tuple[str, str, str] | None:
+        """The shared expert's (gate, up, down), or None."""
+        if self.shared is None:
+            return None
+        return (self.shared + self.gate, self.shared + self.up, self.shared + self.down)
 
 
 @dataclass(frozen=True)
@@ -64,6 +104,8 @@ class FamilySpec:
             transformers code ignores that field, so barber does too: the same outputs as transformers.
         embed_tokens, embed_positions, project_in, project_out, final_norm, lm_head: full names of the
             model-level tensors (``final_norm`` without ``.weight``); None where the family has none.
+        moe: the mixture-of-experts layout of the MLP (then gate/up/down are unused), or None.
+        experts: the number of routed experts the spec is resolved for (`for_config`); 0 before.
     """
 
     name: str
@@ -95,6 +137,18 @@ class FamilySpec:
     fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
     scale_embeddings: bool = False
     attn_softcapping: bool = False
+    moe: MoESpec | None = None
+    experts: int = 0
+
+    def for_config(self, cfg: ModelConfig) -> "FamilySpec":
+        """This spec resolved for `cfg`: a mixture-of-experts spec learns its number of experts."""
+        if self.moe is None or self.experts == cfg.num_experts:
+            return self
+        return dataclasses.replace(self, experts=cfg.num_experts)
+
+    def _check_resolved(self) -> None:
+        if self.moe is not None and self.experts == 0:
+            raise ValueError(f"{self.name}: resolve the spec with for_config(config) first")
 
     # ---- linears -------------------------------------------------------------------------------
 
@@ -125,8 +179,41 @@ class FamilySpec:
 
     @property
     def mlp_logical(self) -> tuple[str, ...]:
-        """Logical linears of the MLP sub-block, in forward order: (gate,) up, down."""
-        return ((self.gate,) if self.gate else ()) + (self.up, self.down)
+        """Logical linears of the MLP sub-block, in forward order: (gate,) up, down; a mixture of experts:
+        the shared expert's gate, up, down, then each routed expert's."""
+        if self.moe is None:
+            return ((self.gate,) if self.gate else ()) + (self.up, self.down)
+        self._check_resolved()
+        out = self.moe.shared_linears() or ()
+        for e in range(self.experts):
+            out += self.moe.expert_linears(e)
+        return out
+
+    @property
+    def mlp_stages(self) -> tuple[tuple[tuple[str, ...], ...], ...]:
+        """The MLP's linears in data order as stages of input groups: the linears that read the same
+        input, first those that read the sub-block input (or its routed tokens), then the output linears.
+
+        Dense: ``(((gate, up),), ((down,),))``; a mixture of experts: one group per expert in each stage.
+        """
+        names = self.mlp_linears
+        if self.moe is None:
+            return ((names[:-1],), (names[-1:],))
+        triples = [names[i : i + 3] for i in range(0, len(names), 3)]
+        return (tuple(t[:2] for t in triples), tuple(t[2:] for t in triples))
+
+    @property
+    def attn_stages(self) -> tuple[tuple[tuple[str, ...], ...], ...]:
+        """The attention's linears as stages of input groups: ``(((q, k, v),), ((o,),))`` (Phi-3: qkv, o)."""
+        names = self.attn_linears
+        return ((names[:-1],), (names[-1:],))
+
+    @property
+    def fixed(self) -> tuple[str, ...]:
+        """Block-local 2-D tensors the MLP core reads that are not pruned: the routers (with ``.weight``)."""
+        if self.moe is None:
+            return ()
+        return tuple(n + ".weight" for n in (self.moe.router, self.moe.shared_gate) if n)
 
     @property
     def attn_linears(self) -> tuple[str, ...]:
@@ -153,15 +240,28 @@ class FamilySpec:
         """Logical linear -> ([out, in], has a bias), as config.json implies."""
         d, f = cfg.hidden_size, cfg.intermediate_size
         q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        qkv_bias = cfg.attention_bias or self.qkv_bias
+        qkv_bias = cfg.attention_bias or cfg.qkv_bias or self.qkv_bias
         out = {
             self.q: ((q_out, d), qkv_bias),
             self.k: ((kv_out, d), qkv_bias),
             self.v: ((kv_out, d), qkv_bias),
             self.o: ((d, q_out), cfg.attention_bias),
         }
+        if self.moe is not None:
+            out.update(self._expert_shapes(cfg))
+            return out
         for name in self.mlp_logical:
             out[name] = ((d, f) if name == self.down else (f, d), cfg.mlp_bias)
+        return out
+
+    def _expert_shapes(self, cfg: ModelConfig) -> dict[str, tuple[tuple[int, int], bool]]:
+        """Every expert linear's ([out, in], has a bias): routed experts, then the shared one."""
+        d, moe, out = cfg.hidden_size, self.moe, {}
+        groups = [(moe.expert_linears(e), cfg.moe_intermediate_size) for e in range(self.experts)]
+        if moe.shared_linears():
+            groups.append((moe.shared_linears(), cfg.shared_expert_intermediate_size))
+        for (gate, up, down), f in groups:
+            out.update({gate: ((f, d), False), up: ((f, d), False), down: ((d, f), False)})
         return out
 
     def fused_parts(self, cfg: ModelConfig) -> dict[str, dict[str, tuple[int, int]]]:
@@ -190,6 +290,10 @@ class FamilySpec:
             shapes[name + ".weight"] = (rows, logical[parts[0]][0][1])
             if any(logical[n][1] for n in parts):
                 shapes[name + ".bias"] = (rows,)
+        if self.moe is not None:
+            shapes[self.moe.router + ".weight"] = (cfg.num_experts, d)
+            if self.moe.shared_gate:
+                shapes[self.moe.shared_gate + ".weight"] = (1, d)
         norms = [(n, d) for n in (self.attn_norm, self.mlp_norm, self.attn_out_norm, self.mlp_out_norm) if n]
         norms += [(n, cfg.head_dim) for n in (self.q_norm, self.k_norm) if n]
         for norm, width in norms:
@@ -281,6 +385,10 @@ _PHI3_FUSED = (
     ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
 )
 
+_MIXTRAL_MOE = MoESpec(router="block_sparse_moe.gate", expert="block_sparse_moe.experts.{e}.",
+                       gate="w1", up="w3", down="w2", float32_scores=True)
+_QWEN_MOE = MoESpec(router="mlp.gate", expert="mlp.experts.{e}.", gate="gate_proj", up="up_proj", down="down_proj")
+
 FAMILIES: dict[str, FamilySpec] = {
     "llama": _LLAMA,
     "mistral": dataclasses.replace(_LLAMA, name="mistral"),
@@ -289,14 +397,17 @@ FAMILIES: dict[str, FamilySpec] = {
     "phi3": dataclasses.replace(_LLAMA, name="phi3", fused=_PHI3_FUSED),
     "gemma2": dataclasses.replace(_LLAMA, name="gemma2", attn_softcapping=True, **_GEMMA),
     "gemma3_text": dataclasses.replace(_LLAMA, name="gemma3_text", **_GEMMA, **_QK_NORM),
+    "mixtral": dataclasses.replace(_LLAMA, name="mixtral", moe=_MIXTRAL_MOE),
+    "qwen2_moe": dataclasses.replace(
+        _LLAMA, name="qwen2_moe",
+        moe=dataclasses.replace(_QWEN_MOE, shared="mlp.shared_expert.", shared_gate="mlp.shared_expert_gate"),
+    ),
+    "qwen3_moe": dataclasses.replace(_LLAMA, name="qwen3_moe", moe=_QWEN_MOE, **_QK_NORM),
     "opt": _OPT,
 }
 
 #: Model types people ask for that barber refuses, with the reason (the message names the model_type).
 REFUSED: dict[str, str] = {
-    "mixtral": "mixture-of-experts blocks are not supported yet",
-    "qwen2_moe": "mixture-of-experts blocks are not supported yet",
-    "qwen3_moe": "mixture-of-experts blocks are not supported yet",
     "deepseek_v2": "multi-head latent attention and mixture-of-experts blocks are not supported",
     "deepseek_v3": "multi-head latent attention and mixture-of-experts blocks are not supported",
     "gemma3": "a vision tower is not supported (a text-only Gemma 3 checkpoint has model_type gemma3_text)",

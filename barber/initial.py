@@ -6,6 +6,10 @@ trajectory) and records every linear's input statistics as order-fixed sums over
 and the reconstruction's per-linear Hessian). `INITIAL[method](weights, stats, settings)` turns a block's
 dense weights into (the weights the masks apply to, the kept masks); only SparseGPT changes the
 weights. The math itself is in `barber.prune`.
+
+A linear whose input statistics are all zero saw no calibration token: a routed expert that no
+token chose (`barber.moe`). Its statistics say nothing, so it is pruned by magnitude (row-wise, in
+the run's pattern) with its dense values, whatever the method; `unreached` lists such linears.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from barber.model import Arch, Positions
 from barber.prune import InitMethod
 from barber.settings import PruneSettings
 
-__all__ = ["INITIAL", "Stats", "collect_stats", "initial_masks"]
+__all__ = ["INITIAL", "Stats", "collect_stats", "initial_masks", "unreached"]
 
 Tensors = dict[str, torch.Tensor]
 
@@ -95,19 +99,39 @@ def collect_stats(arch: Arch, dense: Tensors, states, pos: Positions, hessian: b
     return stats
 
 
+def unreached(stats: Stats | None) -> list[str]:
+    """The linears no calibration token reached (all-zero input statistics), in `stats` order."""
+    if stats is None:
+        return []
+    return [n for n, sq in stats.sq.items() if not bool(sq.any())]
+
+
+def _by_magnitude(w: torch.Tensor, s: PruneSettings) -> torch.Tensor:
+    """The row-wise magnitude mask of an unreached linear."""
+    return prune.select(w.abs().float(), s.sparsity, s.pattern)
+
+
 def _magnitude(weight: Tensors, stats: Stats | None, s: PruneSettings) -> tuple[Tensors, Tensors]:
     masks = {n: prune.magnitude_mask(w, s.sparsity, s.pattern, s.magnitude_per_matrix) for n, w in weight.items()}
     return weight, masks
 
 
 def _wanda(weight: Tensors, stats: Stats, s: PruneSettings) -> tuple[Tensors, Tensors]:
-    masks = {n: prune.select(prune.wanda_scores(w, stats.sq[n]), s.sparsity, s.pattern) for n, w in weight.items()}
+    masks = {}
+    for n, w in weight.items():
+        if bool(stats.sq[n].any()):
+            masks[n] = prune.select(prune.wanda_scores(w, stats.sq[n]), s.sparsity, s.pattern)
+        else:
+            masks[n] = _by_magnitude(w, s)
     return weight, masks
 
 
 def _sparsegpt(weight: Tensors, stats: Stats, s: PruneSettings) -> tuple[Tensors, Tensors]:
     updated, masks = {}, {}
     for n, w in weight.items():
+        if not bool(stats.sq[n].any()):
+            updated[n], masks[n] = w, _by_magnitude(w, s)
+            continue
         new, keep = prune.sparsegpt_prune(
             w, stats.xtx[n], stats.samples, s.sparsity, s.pattern, s.sparsegpt_blocksize, s.sparsegpt_percdamp
         )

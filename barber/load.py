@@ -10,6 +10,11 @@ dtype. On a CUDA device, the linears of a 2:4 run become `torch.sparse.SparseSem
 weights (`to_sparse_semi_structured`, which builds the layout of the GPU at hand from the dense
 weight), where their dtype (float16/bfloat16) and shape allow; the rest stay dense. transformers is
 imported here only (it is not a dependency of the pruner).
+
+Mixture-of-experts checkpoints store one matrix per expert; transformers 5 models hold a block's
+experts as 3-D tensors (``mlp.experts.gate_up_proj`` [E, 2f, d], ``mlp.experts.down_proj`` [E, d, f]).
+`to_model_layout` stacks them where the model asks for it, the way transformers' own loading does;
+those experts stay dense on a GPU (semi-structured tensors are 2-D).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from barber.safetensors_format import read_header
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_pruned", "two_four_linears"]
+__all__ = ["load_pruned", "to_model_layout", "two_four_linears"]
 
 
 def two_four_linears(ckpt: Checkpoint) -> list[str]:
@@ -71,6 +76,7 @@ def load_pruned(
     config = AutoConfig.from_pretrained(ckpt.path)
     with _no_init():
         model = AutoModelForCausalLM.from_config(config, dtype=first.dtype)
+    state = to_model_layout(state, set(model.state_dict()), ckpt)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {"lm_head.weight"} if ckpt.config.tie_word_embeddings else set()
     if unexpected or set(missing) - tied:
@@ -79,8 +85,29 @@ def load_pruned(
     model.tie_weights()
     model = model.to(device).eval()
     if semi_structured:
-        _to_semi_structured(model, two_four_linears(ckpt))
+        _to_semi_structured(model, [n for n in two_four_linears(ckpt) if n in state])
     return model
+
+
+def to_model_layout(state: dict[str, torch.Tensor], wanted: set[str], ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """`state` with each block's experts stacked into 3-D tensors where the model holds them so."""
+    moe = ckpt.family.moe
+    if moe is None:
+        return state
+    for i in range(ckpt.num_layers):
+        base = ckpt.block_tensor_name(i, "")
+        if base + "mlp.experts.gate_up_proj" not in wanted:
+            continue  # per-expert modules (transformers 4): the stored names are the model's
+        gate_up, down = [], []
+        for e in range(ckpt.config.num_experts):
+            g, u, d = (base + n + ".weight" for n in moe.expert_linears(e))
+            gate_up.append(torch.cat([state.pop(g), state.pop(u)]))
+            down.append(state.pop(d))
+        state[base + "mlp.experts.gate_up_proj"] = torch.stack(gate_up)
+        state[base + "mlp.experts.down_proj"] = torch.stack(down)
+        router = base + moe.router + ".weight"
+        state[base + "mlp.gate.weight"] = state.pop(router)
+    return state
 
 
 def _no_init():

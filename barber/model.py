@@ -38,7 +38,9 @@ What the families add to this skeleton, all switched by `FamilySpec` and `ModelC
 - per-head q/k norms before the rotary embedding (Qwen3, Gemma 3);
 - Gemma: embeddings times sqrt(hidden), (1 + w) RMSNorms, sandwich norms (the post-attention and
   post-feedforward norms are part of the cores: ``Y`` is the sub-block's contribution to the
-  residual stream), query_pre_attn_scalar, and attention and final logit soft-capping.
+  residual stream), query_pre_attn_scalar, and attention and final logit soft-capping;
+- a mixture of experts instead of the MLP (Mixtral, Qwen2/3-MoE; `barber.moe`): the router is read
+  from ``w``, and every expert linear goes through ``linear`` with its tokens as one sample.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ import torch.nn.functional as F
 from barber.config import SLIDING, ModelConfig
 from barber.errors import CheckpointError
 from barber.families import FamilySpec
+from barber.moe import moe_mlp
 
 Weights = Mapping[str, torch.Tensor]
 Linear = Callable[[str, torch.Tensor], torch.Tensor]
@@ -91,6 +94,9 @@ class SubBlock:
         kind: "attn" or "mlp".
         names: its linears (block-local names), in the order the core applies them.
         input, core, residual: the `Arch` methods of that sub-block (see the module docstring).
+        stages: `names` in data order as stages of groups of linears that read one input
+            (`FamilySpec.mlp_stages`): the re-fit solves a stage's groups before the next stage's.
+        fixed: block-local 2-D tensors the core reads besides its linears (routers; kept dense).
     """
 
     kind: str
@@ -98,6 +104,8 @@ class SubBlock:
     input: Callable[[torch.Tensor, Weights], torch.Tensor]
     core: Callable[..., torch.Tensor]
     residual: Callable[[torch.Tensor, torch.Tensor, Weights], torch.Tensor]
+    stages: tuple[tuple[tuple[str, ...], ...], ...] = ()
+    fixed: tuple[str, ...] = ()
 
 
 def rotary_dim(config: ModelConfig) -> int:
@@ -166,7 +174,7 @@ class Arch:
     """The math of one model family and config. Holds no weights; see the module docstring."""
 
     def __init__(self, family: FamilySpec, config: ModelConfig):
-        self.family = family
+        self.family = family.for_config(config)
         self.config = config
         try:
             self._act = _ACTIVATIONS[config.hidden_act]
@@ -309,6 +317,8 @@ class Arch:
         Gemma: after the post-feedforward norm)."""
         fam = self.family
         lin = linear or self.default_linear(w)
+        if fam.moe is not None:
+            return moe_mlp(x2, w, lin, fam.moe, self.config, self._act)
         if fam.gate:
             f = self.config.intermediate_size
             gate, up = self._project(lin, x2, (fam.gate, fam.up), (f, f))
@@ -328,8 +338,9 @@ class Arch:
         """The attention and MLP sub-blocks, in block order."""
         fam = self.family
         return (
-            SubBlock("attn", fam.attn_linears, self.attn_input, self.attn_core, self.attn_residual),
-            SubBlock("mlp", fam.mlp_linears, self.mlp_input, self.mlp_core, self.mlp_residual),
+            SubBlock("attn", fam.attn_linears, self.attn_input, self.attn_core, self.attn_residual, fam.attn_stages),
+            SubBlock("mlp", fam.mlp_linears, self.mlp_input, self.mlp_core, self.mlp_residual, fam.mlp_stages,
+                     fam.fixed),
         )
 
     # ---- whole block and head -------------------------------------------------------------------

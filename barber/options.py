@@ -255,7 +255,7 @@ def _runtime_options(r) -> None:
     r.add_argument(
         "--batch-size", type=int, default=0,
         help="windows per forward/backward call; 0 = automatic (about 1024 tokens on a CPU, 8192 on a GPU, "
-        "lowered to fit the memory budget)",
+        "lowered to fit the memory budget; mixture-of-experts models: always 1)",
     )
     r.add_argument("--max-cpu-memory", type=_size_arg, default=None, metavar="SIZE",
                    help="peak RSS budget, e.g. 6GiB or 500MiB (default: 80%% of the memory available at start)")

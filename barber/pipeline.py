@@ -46,7 +46,7 @@ from barber.budget import MemoryBudget
 from barber.buffers import HiddenBuffer
 from barber.checkpoint import Checkpoint
 from barber.distributed import World
-from barber.initial import INITIAL, Stats, collect_stats, initial_masks
+from barber.initial import INITIAL, Stats, collect_stats, initial_masks, unreached
 from barber.model import Arch, Positions, SubBlock
 from barber.prune import InitMethod
 from barber.rebuild import gradient_pass, rebuild_subblock
@@ -132,7 +132,8 @@ class Pruner:
     def prepare(self, nsamples: int, seqlen: int) -> HiddenStates:
         """Plan memory for `nsamples` windows of `seqlen` tokens (once); raises BudgetError if impossible."""
         if self.states is None:
-            extra = reconstruct.plan_bytes(self.ckpt.family.block_shapes(self.ckpt.config), self.linears, self.settings)
+            stages = [stage for sub in self.arch.subblocks() for stage in sub.stages]
+            extra = reconstruct.plan_bytes(self.ckpt.family.block_shapes(self.ckpt.config), stages, self.settings)
             self.states = HiddenStates(
                 self.ckpt, self.settings, nsamples, seqlen, self.budget, self.work_dir, extra_block_bytes=extra,
                 world=self.world,
@@ -207,6 +208,10 @@ class Pruner:
                 init_weights, masks = initial_masks({n: dense[n + ".weight"] for n in self.linears}, stats, s)
                 weights.update({n + ".weight": prune.apply_mask(init_weights[n], masks[n]) for n in self.linears})
             self._share(self.linears, weights, masks, dense, values=s.init is InitMethod.SPARSEGPT)
+        missed = unreached(stats) if world.decides else []
+        if missed:
+            log.warning("block %d: no calibration token reached %d linear(s) (%s); pruned by magnitude",
+                        i, len(missed), ", ".join(missed[:3]) + (", ..." if len(missed) > 3 else ""))
         subblocks = []
         if s.rebuild or s.reconstruct is not Reconstruct.NONE:
             for sub in self.arch.subblocks():
@@ -221,7 +226,7 @@ class Pruner:
                 write(i, {n: weights[n + ".weight"] for n in self.linears})
         layers = {n: _mask_stats(masks[n]) for n in self.linears} if world.decides else {}
         peak_gpu = torch.cuda.max_memory_allocated() if torch.device(s.device).type == "cuda" else None
-        return BlockReport(i, layers, subblocks, times, peak_rss(), peak_gpu)
+        return BlockReport(i, layers, subblocks, times, peak_rss(), peak_gpu, unreached=tuple(missed))
 
     def _subblock(
         self,

@@ -85,8 +85,9 @@ def gradient_pass(
     sums (`barber.fold`), on rank 0; other ranks get (None, None).
     """
     names, dtype = sub.names, states.settings.dtype
-    # the sub-block's weights and biases, and every 1-D tensor (the norms inside a core: q/k, sandwich)
-    own = [k for k in dense if k.rsplit(".", 1)[0] in names or dense[k].dim() == 1]
+    # the sub-block's weights and biases, every 1-D tensor (the norms inside a core: q/k, sandwich) and
+    # the routers of a mixture of experts
+    own = [k for k in dense if k.rsplit(".", 1)[0] in names or dense[k].dim() == 1 or k in sub.fixed]
     dense32 = {k: dense[k].detach().float() for k in own}  # detached: no grad flag leaks into `dense`
     # The sparse sub-block in float32, for the targets: its small tensors copied, each linear's weight
     # converted when used (the same values, without a float32 copy of the whole sub-block).
@@ -132,19 +133,25 @@ def rebuild_subblock(
     """Rebuild the masks of `sub` in place (`masks`, and `weights` re-masked); returns the swaps per linear.
 
     The rebuilt masks apply to the dense values, or, with `retain_reconstruction`, to the initial
-    method's values where they were kept (SparseGPT's updates). `grad_sq` is consumed.
+    method's values where they were kept (SparseGPT's updates). `grad_sq` is consumed. Linears whose
+    A is all zero (no calibration token reached them: an expert no token chose) keep their masks.
     """
-    s, names = settings, sub.names
+    s = settings
+    # A linear no calibration token reached (an unchosen expert) has A = 0: nothing to rebuild it by.
+    names = tuple(n for n in sub.names if bool(grad_sq[n].any()))
     base = {}
-    for n in names:
+    for n in sub.names:
         w_dense = dense[n + ".weight"]
         base[n] = torch.where(masks[n], init_weights[n], w_dense) if s.retain_reconstruction else w_dense
     scores = {}
-    for n in names:  # each A is dropped once scored: A and the scores of a sub-block never coexist whole
-        scores[n] = prune.rebuild_scores(base[n], grad_sq.pop(n).div_(n_samples), s.metric)
-    new_masks = prune.rebuild(scores, {n: masks[n] for n in names}, s.ratio, s.granularity, s.pattern)
+    for n in sub.names:  # each A is dropped once scored: A and the scores of a sub-block never coexist whole
+        a = grad_sq.pop(n)
+        if n in names:
+            scores[n] = prune.rebuild_scores(base[n], a.div_(n_samples), s.metric)
+        del a
+    new_masks = prune.rebuild(scores, {n: masks[n] for n in names}, s.ratio, s.granularity, s.pattern) if names else {}
     swaps = {n: int((new_masks[n] & ~masks[n]).sum()) for n in names}
-    for n in names:
-        masks[n] = new_masks[n]
-        weights[n + ".weight"] = prune.apply_mask(base[n], new_masks[n])
+    masks.update(new_masks)
+    for n in sub.names:
+        weights[n + ".weight"] = prune.apply_mask(base[n], masks[n])
     return swaps

@@ -18,7 +18,12 @@ Two ways to choose the inputs and targets (`Reconstruct`):
 - ``subblock``: linear group by linear group through the sub-block (q/k/v then o; gate/up then
   down): a group's inputs come from the already re-fitted groups before it, and its targets are
   the dense sub-block's values at that point (the dense linear applied to the dense sub-block's
-  input for it). The sub-block's output is thus fitted to the dense sub-block's output.
+  input for it). The sub-block's output is thus fitted to the dense sub-block's output. The groups
+  come in stages (`SubBlock.stages`): a mixture of experts has one group per expert in each stage
+  (each expert's gate/up on its routed tokens, then each down), and a stage's sums are gathered in
+  one pass over the data.
+
+A linear that no calibration token reached (H = 0: an expert no token chose) is not re-fitted.
 
 Before solving, H is shrunk towards its diagonal, H <- (1 - g) H + g diag(H), and B likewise
 (`reconstruct_shrink` g, default 0.25): a few thousand calibration tokens estimate the off-diagonal
@@ -43,16 +48,11 @@ from barber.model import Positions, SubBlock
 from barber.settings import PruneSettings, Reconstruct
 from barber.timing import phase
 
-__all__ = ["exact_masked_lstsq", "masked_pcg", "plan_bytes", "refit_subblock", "stages"]
+__all__ = ["exact_masked_lstsq", "masked_pcg", "plan_bytes", "refit_subblock"]
 
 Tensors = dict[str, torch.Tensor]
 #: Relative residual at which a row's conjugate gradients stop.
 TOLERANCE = 1e-5
-
-
-def stages(sub: SubBlock) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The sub-block's linear groups in data order: those sharing the sub-block input, then the output one."""
-    return sub.names[:-1], sub.names[-1:]
 
 
 def damped(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
@@ -142,71 +142,93 @@ def _objective(w: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, targ
     return float(((w @ hessian) * w).sum() - 2 * (w * cross).sum()) + target_sq
 
 
-def _inputs(states, sub: SubBlock, weights: Tensors, dense: Tensors, pos: Positions, group: tuple[str, ...]
-            ) -> Iterator[tuple[Chunk, torch.Tensor, torch.Tensor]]:
-    """(micro-batch, sparse input, dense input) of `group` for every micro-batch, [B, T, in] float32."""
+def _inputs(states, sub: SubBlock, weights: Tensors, dense: Tensors, pos: Positions, stage: int
+            ) -> Iterator[tuple[Chunk, dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    """(micro-batch, sparse inputs, dense inputs) of every group of stage `stage` (keyed by the group's
+    first linear, [B, T', in] float32) for every micro-batch."""
     hidden = states.trajectory
-    first = stages(sub)[0]
+    firsts = [g[0] for g in sub.stages[stage]]
     with torch.no_grad():
         for c in states.chunks():
             x = sub.input(hidden.get(c.rows), weights)
-            if group == first:  # the sub-block's input: the same for the sparse and the dense sub-block
+            if stage == 0 and not sub.fixed:  # the sub-block's input itself: one group reads it
                 x = x.float()
-                yield c, x, x
+                yield c, {firsts[0]: x}, {firsts[0]: x}
                 continue
-            yield c, _recorded(sub, x, weights, pos, group[0]), _recorded(sub, x, dense, pos, group[0])
+            xs = _recorded(sub, x, weights, pos, firsts)
+            # Stage 0 of a mixture of experts: the routing depends on the sub-block input alone, so the
+            # dense experts see the same tokens as the sparse ones.
+            yield c, xs, (xs if stage == 0 else _recorded(sub, x, dense, pos, firsts))
 
 
-def _recorded(sub: SubBlock, x: torch.Tensor, w: Tensors, pos: Positions, name: str) -> torch.Tensor:
-    """The input of linear `name` when the sub-block core runs on `x` with weights `w`, as [B, T, in] float32."""
-    seen: list[torch.Tensor] = []
+def _recorded(sub: SubBlock, x: torch.Tensor, w: Tensors, pos: Positions, names: list[str]) -> dict:
+    """The inputs of linears `names` when the sub-block core runs on `x` with weights `w`, [B, T', in] float32."""
+    seen: dict[str, torch.Tensor] = {}
+    wanted = set(names)
 
     def linear(n: str, xin: torch.Tensor) -> torch.Tensor:
-        if n == name:
-            seen.append(xin)
+        if n in wanted:
+            seen[n] = xin.reshape(xin.shape[0], -1, xin.shape[-1]).float()
         return F.linear(xin, w[n + ".weight"], w.get(n + ".bias"))
 
     sub.core(x, w, pos, linear)
-    return seen[0].reshape(x.shape[0], -1, seen[0].shape[-1]).float()
+    return seen
 
 
-def _group_statistics(states, sub, weights, dense, pos, group) -> tuple | None:
-    """H = sum X_s^T X_s of the group's input, diag(sum X_d^T X_s), and per linear B = sum Y_d^T X_s
-    and sum ||Y_d||^2 (for the sub-block's first group X_d = X_s, so B = W_d H, without the outputs).
+class _GroupSums:
+    """The order-fixed sums of one group of linears that read one input (see `_stage_statistics`)."""
 
-    Every sum is order-fixed (`barber.fold`), one sample at a time; the result exists on rank 0
-    (None on other ranks).
-    """
-    first = group == stages(sub)[0]
-    hessian = states.fold()
-    if not first:
-        cross_diag = states.fold()
-        cross, target_sq = {n: states.fold() for n in group}, {n: states.fold() for n in group}
-    for c, xs, xd in _inputs(states, sub, weights, dense, pos, group):
-        for j, s in enumerate(c.samples):
-            a = xs[j].reshape(-1, xs.shape[-1])
-            hessian.addmm(s, a.T, a)
-            if first:
-                continue
-            b = xd[j].reshape(-1, xd.shape[-1])
-            cross_diag.add(s, (b.double() * a.double()).sum(0))
-            for n in group:
-                y = b @ dense[n + ".weight"].float().T
-                cross[n].addmm(s, y.T, a)
-                target_sq[n].add(s, (y.double() * y.double()).sum())
-    hessian = hessian.result()
-    if first:
+    def __init__(self, states, group: tuple[str, ...], first: bool):
+        self.group, self.first = group, first
+        self.hessian = states.fold()
+        if not first:
+            self.cross_diag = states.fold()
+            self.cross = {n: states.fold() for n in group}
+            self.target_sq = {n: states.fold() for n in group}
+
+    def add(self, s: int, a: torch.Tensor, b: torch.Tensor, dense: Tensors) -> None:
+        """Sample s's terms, from its sparse input a and dense input b, [tokens, in] float32."""
+        self.hessian.addmm(s, a.T, a)
+        if self.first:
+            return
+        self.cross_diag.add(s, (b.double() * a.double()).sum(0))
+        for n in self.group:
+            y = b @ dense[n + ".weight"].float().T
+            self.cross[n].addmm(s, y.T, a)
+            self.target_sq[n].add(s, (y.double() * y.double()).sum())
+
+    def result(self, dense: Tensors) -> tuple | None:
+        """(H, diag(X_d^T X_s), B per linear, sum ||Y_d||^2 per linear) on rank 0; None on other ranks."""
+        hessian = self.hessian.result()
+        if self.first:
+            if hessian is None:
+                return None
+            cross = {n: dense[n + ".weight"].float() @ hessian for n in self.group}
+            target_sq = {n: float((cross[n] * dense[n + ".weight"].float()).sum()) for n in self.group}
+            return hessian, torch.diagonal(hessian), cross, target_sq
+        cross_diag = self.cross_diag.result()
+        cross = {n: f.result() for n, f in self.cross.items()}
+        target_sq = {n: f.result() for n, f in self.target_sq.items()}
         if hessian is None:
             return None
-        cross = {n: dense[n + ".weight"].float() @ hessian for n in group}
-        target_sq = {n: float((cross[n] * dense[n + ".weight"].float()).sum()) for n in group}
-        return hessian, torch.diagonal(hessian), cross, target_sq
-    cross_diag = cross_diag.result()
-    cross = {n: f.result() for n, f in cross.items()}
-    target_sq = {n: f.result() for n, f in target_sq.items()}
-    if hessian is None:
-        return None
-    return hessian, cross_diag.float(), cross, {n: float(t) for n, t in target_sq.items()}
+        return hessian, cross_diag.float(), cross, {n: float(t) for n, t in target_sq.items()}
+
+
+def _stage_statistics(states, sub, weights, dense, pos, stage: int) -> dict[tuple[str, ...], tuple | None]:
+    """Per group of stage `stage`: H = sum X_s^T X_s of the group's input, diag(sum X_d^T X_s), and per
+    linear B = sum Y_d^T X_s and sum ||Y_d||^2 (in stage 0 X_d = X_s, so B = W_d H, without the outputs).
+
+    Every sum is order-fixed (`barber.fold`), one sample at a time; the results exist on rank 0
+    (None on other ranks).
+    """
+    sums = {g: _GroupSums(states, g, stage == 0) for g in sub.stages[stage]}
+    for c, xs, xd in _inputs(states, sub, weights, dense, pos, stage):
+        for g, group_sums in sums.items():
+            a_all, b_all = xs[g[0]], xd[g[0]]
+            for j, s in enumerate(c.samples):
+                a = a_all[j].reshape(-1, a_all.shape[-1])
+                group_sums.add(s, a, b_all[j].reshape(-1, b_all.shape[-1]), dense)
+    return {g: group_sums.result(dense) for g, group_sums in sums.items()}
 
 
 def refit_subblock(
@@ -228,6 +250,8 @@ def refit_subblock(
             if world.decides:
                 for n in sub.names:
                     hessian = stats.xtx.pop(n)
+                    if not bool(hessian.any()):  # no calibration token reached it (an unchosen expert)
+                        continue
                     wd = dense[n + ".weight"].float()
                     cross = wd @ hessian
                     target_sq = float((cross * wd).sum())
@@ -235,17 +259,21 @@ def refit_subblock(
                     errors[n] = _refit_one(n, dense, weights, masks, hessian, diag, cross, target_sq, settings)
         world.share_weights(weights, [n + ".weight" for n in sub.names], dense)
         return {"relative_error": errors} if world.decides else None
-    for group in stages(sub):
-        statistics = _group_statistics(states, sub, weights, dense, pos, group)
-        if statistics is not None:
-            with phase(times, "solve"):
-                hessian, cross_diag, cross, target_sq = statistics
+    for stage in range(len(sub.stages)):
+        statistics = _stage_statistics(states, sub, weights, dense, pos, stage)
+        with phase(times, "solve"):
+            for group, group_stats in statistics.items():
+                if group_stats is None:
+                    continue
+                hessian, cross_diag, cross, target_sq = group_stats
+                if not bool(hessian.any()):  # no calibration token reached the group (an unchosen expert)
+                    continue
                 for n in group:
                     errors[n] = _refit_one(
                         n, dense, weights, masks, hessian, cross_diag, cross.pop(n), target_sq[n], settings
                     )
-                del hessian, statistics
-        world.share_weights(weights, [n + ".weight" for n in group], dense)
+            del statistics
+        world.share_weights(weights, [n + ".weight" for g in sub.stages[stage] for n in g], dense)
     return {"relative_error": errors} if world.decides else None
 
 
@@ -259,16 +287,26 @@ def _refit_one(n, dense, weights, masks, hessian, cross_diag, cross, target_sq, 
     return [before, after]
 
 
-def plan_bytes(block_shapes: dict[str, tuple[int, ...]], linears: tuple[str, ...], settings: PruneSettings) -> int:
+def plan_bytes(block_shapes: dict[str, tuple[int, ...]], stages, settings: PruneSettings) -> int:
     """Bytes the re-fit holds at its peak on the compute device, beyond the block's weights.
 
+    `stages`: the `SubBlock.stages` of the block's sub-blocks, one after another.
     ``layer``: one float32 X^T X per linear for the whole block (the statistics pass keeps them).
-    Both: while one linear is solved, its group's H and B, the damped H, and the solver's five
-    [out, in] float32 tensors (solution, residual, preconditioned residual, direction, H times it).
+    ``subblock``: a stage's sums of every group at once (H and its group partial per group, B and
+    its partial per linear).
+    Both: while one linear is solved, the shrunk and the damped H, its B, right-hand side and float32
+    dense weight, and the solver's five [out, in] float32 tensors (solution, residual, preconditioned
+    residual, direction, H times it).
     """
     if settings.reconstruct is Reconstruct.NONE:
         return 0
-    shapes = {n: block_shapes[n + ".weight"] for n in linears}
-    held = sum(4 * i * i for _, i in shapes.values()) if settings.reconstruct is Reconstruct.LAYER else 0
-    solve = max(4 * (2 * i * i + 2 * o * i) + 5 * 4 * o * i for o, i in shapes.values())
+    groups = [g for stage in stages for g in stage]
+    shapes = {n: block_shapes[n + ".weight"] for g in groups for n in g}
+    solve = max(2 * 4 * i * i + 8 * 4 * o * i for o, i in shapes.values())
+    if settings.reconstruct is Reconstruct.LAYER:
+        return sum(4 * i * i for _, i in shapes.values()) + solve
+    held = max(
+        sum(2 * 4 * shapes[g[0]][1] ** 2 + sum(2 * 4 * shapes[n][0] * shapes[n][1] for n in g) for g in stage)
+        for stage in stages
+    )
     return held + solve

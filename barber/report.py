@@ -76,6 +76,7 @@ class BlockReport:
     peak_rss: int
     peak_gpu: int | None = None
     exchanged: int | None = None  # bytes rank 0 sent and received in the block (a data-parallel run)
+    unreached: tuple[str, ...] = ()  # linears no calibration token reached (unchosen experts): pruned by magnitude
 
     def to_json(self) -> dict:
         out = {
@@ -89,6 +90,8 @@ class BlockReport:
             out["peak_gpu"] = self.peak_gpu
         if self.exchanged is not None:
             out["exchanged_bytes"] = self.exchanged
+        if self.unreached:
+            out["unreached"] = list(self.unreached)
         return out
 
     @classmethod
@@ -96,7 +99,7 @@ class BlockReport:
         return cls(
             int(d["block"]), {n: LayerStats.from_json(s) for n, s in d["layers"].items()},
             [SubblockReport.from_json(s) for s in d["subblocks"]], dict(d["seconds"]), int(d["peak_rss"]),
-            d.get("peak_gpu"), d.get("exchanged_bytes"),
+            d.get("peak_gpu"), d.get("exchanged_bytes"), tuple(d.get("unreached", ())),
         )
 
     @property

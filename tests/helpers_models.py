@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-FAMILY_NAMES = ("llama", "mistral", "qwen2", "opt", "qwen3", "phi3", "gemma2", "gemma3_text")
+#: Mixture-of-experts families (their transformers models hold experts as 3-D tensors; saved per expert).
+MOE_NAMES = ("mixtral", "qwen2_moe", "qwen3_moe")
+FAMILY_NAMES = ("llama", "mistral", "qwen2", "opt", "qwen3", "phi3", "gemma2", "gemma3_text") + MOE_NAMES
 #: Families whose transformers model refuses SDPA (soft-capped attention): built with eager attention.
 _EAGER = ("gemma2",)
 #: Families whose norms scale by (1 + w): their random norm weights sit around 0, not 1.
@@ -63,6 +65,21 @@ _BASE = {
         hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         vocab_size=300, max_position_embeddings=256, sliding_window=16, query_pre_attn_scalar=24,
         sliding_window_pattern=2, rope_local_base_freq=100.0,
+    ),
+    "mixtral": dict(
+        hidden_size=64, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=300, max_position_embeddings=256, tie_word_embeddings=False,
+        num_local_experts=4, num_experts_per_tok=2,
+    ),
+    "qwen2_moe": dict(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=300, max_position_embeddings=256, tie_word_embeddings=False,
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+    ),
+    "qwen3_moe": dict(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+        vocab_size=300, max_position_embeddings=256, tie_word_embeddings=False,
+        num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
     ),
 }
 
@@ -107,7 +124,7 @@ def save_checkpoint(model, path: Path, *, shards: int = 1, dtype: torch.dtype | 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(path)
-    state = {k: v.detach().to(dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to(dtype or v.dtype).contiguous() for k, v in _stored_state(model).items()}
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     names = sorted(state)
@@ -125,6 +142,23 @@ def save_checkpoint(model, path: Path, *, shards: int = 1, dtype: torch.dtype | 
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     write_byte_tokenizer(path / "tokenizer.json")
     return path
+
+
+def _stored_state(model) -> dict[str, torch.Tensor]:
+    """The tensors as a Hugging Face checkpoint stores them: transformers' own saving, which writes a
+    mixture of experts per expert (``experts.{e}.w1`` ...), not as the 3-D tensors the model holds."""
+    if model.config.model_type not in MOE_NAMES:
+        return model.state_dict()
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        state = {}
+        for f in sorted(Path(tmp).glob("*.safetensors")):
+            state.update(load_file(str(f)))
+    return state
 
 
 def make_tiny_checkpoint(

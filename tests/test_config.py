@@ -99,10 +99,12 @@ def test_from_file_errors(tmp_path):
 
 
 def test_unsupported_model_type_lists_supported():
-    supported = r"\(supported: gemma2, gemma3_text, llama, mistral, opt, phi3, qwen2, qwen3\)"
+    supported = (r"\(supported: gemma2, gemma3_text, llama, mistral, mixtral, opt, phi3, qwen2, qwen2_moe, qwen3, "
+                 r"qwen3_moe\)")
     with pytest.raises(CheckpointError, match=r"unsupported model_type 'gpt2' " + supported):
         family_for("gpt2")
-    assert set(FAMILIES) == {"llama", "mistral", "qwen2", "opt", "qwen3", "phi3", "gemma2", "gemma3_text"}
+    assert set(FAMILIES) == {"llama", "mistral", "qwen2", "opt", "qwen3", "phi3", "gemma2", "gemma3_text",
+                             "mixtral", "qwen2_moe", "qwen3_moe"}
 
 
 @pytest.mark.parametrize(

@@ -164,7 +164,8 @@ BAD = {
     "huge header length": (3, "corrupt safetensors header"),
     "shape mismatch": (3, "has shape [64, 64] but config.json implies [48, 48]"),
     "unsupported model_type": (
-        3, "unsupported model_type 'bloom' (supported: gemma2, gemma3_text, llama, mistral, opt, phi3, qwen2, qwen3)"
+        3, "unsupported model_type 'bloom' (supported: gemma2, gemma3_text, llama, mistral, mixtral, opt, phi3, "
+        "qwen2, qwen2_moe, qwen3, qwen3_moe)"
     ),
     "no tokenizer": (3, "no tokenizer.json or tokenizer.model"),
 }

@@ -114,7 +114,6 @@ def test_qwen3_config():
 
 
 @pytest.mark.parametrize("model_type, reason", [
-    ("mixtral", "mixture-of-experts"), ("qwen2_moe", "mixture-of-experts"), ("qwen3_moe", "mixture-of-experts"),
     ("deepseek_v3", "multi-head latent attention"), ("gemma3", "vision tower"), ("bloom", ""),
 ])
 def test_unsupported_model_types_are_refused_in_one_line(tmp_path, model_type, reason):

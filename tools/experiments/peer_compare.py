@@ -58,7 +58,8 @@ def run_row(options: list[str], ckpt: Path, calib: Path, text: Path) -> dict:
             "/usr/bin/time", "-f", "%e %M", "-o", str(timing),
             str(ROOT / ".venv/bin/barber-stream"), "--ckpt", str(ckpt), "--out", str(out),
             "--calib", str(calib), "--nsamples", "32", "--seqlen", "256", "--seed", "0",
-            "--eval", str(text), "--eval-seqlen", "512", "--eval-windows", "4", "--no-progress", *options,
+            "--eval", str(text), "--eval-seqlen", "512", "--eval-windows", "4", "--no-progress",
+            "--recipe", "paper", *options,  # the original's settings, not today's default recipe
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -73,12 +74,12 @@ def run_row(options: list[str], ckpt: Path, calib: Path, text: Path) -> dict:
     by_layer: dict[str, int] = {}
     for b in report["blocks"]:
         for sb in b["subblocks"]:
-            for name, n in sb["swaps"].items():
+            for name, n in sb.get("swaps", {}).items():
                 by_layer[name] = by_layer.get(name, 0) + n
     return {
         "ppl": report["eval"]["pruned"]["ppl"],
-        "swaps": report["swaps"],
-        "changed_of_pruned": report["swaps"] / pruned if pruned else 0.0,
+        "swaps": report.get("swaps", 0),
+        "changed_of_pruned": report.get("swaps", 0) / pruned if pruned else 0.0,
         "swaps_by_layer": {k: v for k, v in by_layer.items() if v},
         "wall_s": float(wall),
         "peak_rss_gb": int(rss_kb) * 1024 / 1e9,
