@@ -14,7 +14,8 @@ Both the transformers 4 and transformers 5 spellings are accepted:
   `norm_topk_prob`; every block must be a mixture-of-experts block (`mlp_only_layers` empty,
   `decoder_sparse_step` 1), as in every released checkpoint of these types.
 
-Supported rotary types: `default`, `linear` and `llama3` (LLaMA-3.1 style). Any other type is a
+Supported rotary types: `default`, `linear`, `llama3` (LLaMA-3.1 style) and `longrope` (Phi-3 128k,
+Phi-3.5, Phi-4-mini). Any other type is a
 `CheckpointError`, never a silent fallback to unscaled positions; so is any structure barber does
 not model (a vision tower, experts outside `MOE_TYPES`, latent attention, bidirectional attention), with
 one line naming the `model_type`.
@@ -30,7 +31,7 @@ from typing import Any, Mapping
 
 from barber.errors import CheckpointError
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 #: Attention kinds of `layer_types`: causal over the whole sequence, or over the last `sliding_window` tokens.
 FULL, SLIDING = "full_attention", "sliding_attention"
 #: Gemma's layer pattern where a 4.x config.json has no `layer_types`: every n-th layer is full (n from
@@ -52,13 +53,21 @@ _UNSUPPORTED_KEYS = {
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """Rotary frequency scaling (`rope_type` linear or llama3; `default` is represented by None)."""
+    """Rotary frequency scaling (`rope_type` linear, llama3 or longrope; `default` is represented by None).
+
+    longrope (Phi-3 128k, Phi-3.5, Phi-4-mini): each frequency is divided by its `short_factor` entry for
+    sequences up to `original_max_position_embeddings` tokens and by its `long_factor` entry beyond, and
+    cos/sin are multiplied by `attention_factor`.
+    """
 
     rope_type: str
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -276,6 +285,8 @@ def _rope(d: Mapping[str, Any], kind: str = FULL) -> tuple[float, RopeScaling | 
         )
     if rope_type == "default":
         return theta, None
+    if rope_type == "longrope":
+        return theta, _longrope(d, scaling)
     factor = _get(scaling, "factor", float, positive=True)
     if rope_type == "linear":
         return theta, RopeScaling("linear", factor=factor)
@@ -285,6 +296,30 @@ def _rope(d: Mapping[str, Any], kind: str = FULL) -> tuple[float, RopeScaling | 
         raise CheckpointError(f"llama3 rope scaling needs high_freq_factor > low_freq_factor, got {high} <= {low}")
     original = _get(scaling, "original_max_position_embeddings", int, positive=True)
     return theta, RopeScaling("llama3", factor, low, high, original)
+
+
+def _longrope(d: Mapping[str, Any], scaling: Mapping[str, Any]) -> RopeScaling:
+    """longrope's factors, as transformers computes them (`original_max_position_embeddings` in the scaling
+    dict or at the top level; `factor` and `attention_factor` derived where absent)."""
+    original = _get(scaling, "original_max_position_embeddings", int, None, positive=True)
+    if original is None:
+        original = _get(d, "original_max_position_embeddings", int, positive=True)
+    factor = _get(scaling, "factor", float, None, positive=True)
+    if factor is None:
+        factor = _get(d, "max_position_embeddings", int, positive=True) / original
+    attention = _get(scaling, "attention_factor", float, None, positive=True)
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    factors = {}
+    for key in ("short_factor", "long_factor"):
+        value = scaling.get(key)
+        if not isinstance(value, list) or not value or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value
+        ):
+            raise CheckpointError(f"longrope rope scaling needs {key!r} as a list of positive numbers")
+        factors[key] = tuple(float(v) for v in value)
+    return RopeScaling("longrope", factor, original_max_position_embeddings=original, attention_factor=attention,
+                       **factors)
 
 
 def _rotary_config(model_type: str, d: Mapping[str, Any]) -> ModelConfig:
@@ -310,6 +345,15 @@ def _rotary_config(model_type: str, d: Mapping[str, Any]) -> ModelConfig:
         raise CheckpointError(f"model_type {model_type!r}: use_sliding_window=true is not supported")
     if d.get("use_sliding_window") is None:  # Qwen's sliding_window is inert unless use_sliding_window
         sliding = _get(d, "sliding_window", int, None, positive=True)
+    partial = _partial_rotary(d, head_dim)
+    for scale in (scaling, local_scaling):
+        if scale is not None and scale.rope_type == "longrope":
+            half = int(head_dim * partial) // 2
+            if len(scale.short_factor) != half or len(scale.long_factor) != half:
+                raise CheckpointError(
+                    f"longrope factors should have {half} entries (half the rotary dims), got "
+                    f"{len(scale.short_factor)} and {len(scale.long_factor)}"
+                )
     return ModelConfig(
         model_type=model_type,
         hidden_size=hidden,
@@ -331,7 +375,7 @@ def _rotary_config(model_type: str, d: Mapping[str, Any]) -> ModelConfig:
         layer_types=_layer_types(model_type, d, layers),
         local_rope_theta=local_theta,
         local_rope_scaling=local_scaling,
-        partial_rotary_factor=_partial_rotary(d, head_dim),
+        partial_rotary_factor=partial,
         query_pre_attn_scalar=_get(d, "query_pre_attn_scalar", float, None, positive=True),
         attn_logit_softcapping=_get(d, "attn_logit_softcapping", float, None, positive=True),
         final_logit_softcapping=_get(d, "final_logit_softcapping", float, None, positive=True),

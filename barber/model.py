@@ -113,15 +113,27 @@ def rotary_dim(config: ModelConfig) -> int:
     return int(config.head_dim * config.partial_rotary_factor)
 
 
-def rotary_inv_freq(config: ModelConfig, sliding: bool = False) -> torch.Tensor:
-    """Rotary inverse frequencies [rotary_dim / 2] in float32, with linear or llama3 scaling applied.
+def rotary_scaling(config: ModelConfig, sliding: bool = False):
+    """(rotary base, `RopeScaling` or None) of a full or a sliding-window layer (Gemma 3's local layers differ)."""
+    if sliding and config.local_rope_theta is not None:
+        return config.local_rope_theta, config.local_rope_scaling
+    return config.rope_theta or 10000.0, config.rope_scaling
+
+
+def rotary_inv_freq(config: ModelConfig, sliding: bool = False, seqlen: int | None = None) -> torch.Tensor:
+    """Rotary inverse frequencies [rotary_dim / 2] in float32, with linear, llama3 or longrope scaling applied.
 
     `sliding`: for a sliding-window layer, whose base and scaling may differ (Gemma 3's local layers).
+    `seqlen`: the sequence length, which picks longrope's short or long factors (None: short).
     """
-    dim, base, scaling = rotary_dim(config), config.rope_theta or 10000.0, config.rope_scaling
-    if sliding and config.local_rope_theta is not None:
-        base, scaling = config.local_rope_theta, config.local_rope_scaling
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim))
+    dim = rotary_dim(config)
+    base, scaling = rotary_scaling(config, sliding)
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
+    if scaling is not None and scaling.rope_type == "longrope":
+        long = seqlen is not None and seqlen > scaling.original_max_position_embeddings
+        ext = torch.tensor(scaling.long_factor if long else scaling.short_factor, dtype=torch.float32)
+        return 1.0 / (ext * base**exponents)
+    inv_freq = 1.0 / (base**exponents)
     if scaling is None:
         return inv_freq
     if scaling.rope_type == "linear":
@@ -206,10 +218,14 @@ class Arch:
             mask = (diff >= 0) & (diff < cfg.sliding_window)
         if self.family.positions != "rope":
             return Positions(seqlen, mask=mask)
-        inv_freq = rotary_inv_freq(cfg, sliding).to(device)
+        inv_freq = rotary_inv_freq(cfg, sliding, seqlen).to(device)
         freqs = torch.outer(torch.arange(seqlen, device=device, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return Positions(seqlen, emb.cos(), emb.sin(), mask)
+        cos, sin = emb.cos(), emb.sin()
+        scaling = rotary_scaling(cfg, sliding)[1]
+        if scaling is not None and scaling.attention_factor != 1.0:  # longrope
+            cos, sin = cos * scaling.attention_factor, sin * scaling.attention_factor
+        return Positions(seqlen, cos, sin, mask)
 
     def embed(self, ids: torch.Tensor, w: Weights) -> torch.Tensor:
         """Token ids [B, T] -> hidden states [B, T, d] (OPT: project_in and learned positions added;

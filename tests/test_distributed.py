@@ -117,3 +117,16 @@ def test_more_ranks_than_sample_groups_is_one_line(inputs):
     assert run.returncode != 0
     assert "error: 3 ranks but only 2 sample groups" in run.stderr
     assert not (inputs["root"] / "too-many").exists()
+
+
+def test_a_mixture_of_experts_on_two_ranks_writes_the_bytes_of_one_process(inputs):
+    """Experts' statistics over routed tokens fold like any other (qwen2_moe: routed and shared experts),
+    with the rebuild and the re-fit per expert."""
+    root = inputs["root"] / "moe"
+    ckpt = make_tiny_checkpoint(root, "qwen2_moe", layers=2)
+    args = ["--ckpt", str(ckpt), "--calib", str(inputs["ids"]), "--no-progress", "--sample-groups", GROUPS,
+            "--recipe", "refit", "--rebuild", "--rebuild-ratio", "0.2", "--pattern", "2:4"]
+    assert stream_main([*args, "--out", str(root / "one")]) == 0
+    run = torchrun(2, [*args, "--out", str(root / "two")])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert digest(root / "two") == digest(root / "one")

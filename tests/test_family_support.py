@@ -135,7 +135,11 @@ def test_unsupported_model_types_are_refused_in_one_line(tmp_path, model_type, r
     ("gemma3_text", {"use_bidirectional_attention": True}, "bidirectional attention"),
     ("qwen3", {"use_sliding_window": True}, "use_sliding_window=true is not supported"),
     ("gemma2", {"layer_types": ["chunked_attention"] * 3}, "layer type 'chunked_attention' is not supported"),
-    ("phi3", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "unsupported rope type 'longrope'"),
+    ("phi3", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "unsupported rope type 'yarn'"),
+    ("phi3", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8}},
+     "longrope rope scaling needs 'long_factor' as a list of positive numbers"),
+    ("phi3", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 7,
+                                  "long_factor": [2.0] * 7}}, "longrope factors should have 8 entries"),
 ])
 def test_unsupported_structures_are_refused_naming_the_model_type(family, extra, message):
     d = hf_dict(family) | extra
@@ -144,6 +148,47 @@ def test_unsupported_structures_are_refused_naming_the_model_type(family, extra,
     assert "\n" not in str(err.value)
     if "rope" not in message:
         assert repr(family) in str(err.value)
+
+
+# ---- longrope (Phi-3 128k, Phi-3.5, Phi-4-mini) -----------------------------------------------------
+
+SHORT, LONG = [1.0 + 0.1 * i for i in range(8)], [1.0 + 0.7 * i for i in range(8)]
+
+
+def test_longrope_config_forms():
+    """4.x (`rope_scaling` + top-level original length) and 5.x (`rope_parameters`) read alike."""
+    v5 = hf_dict("phi3", max_position_embeddings=256) | {"rope_parameters": {
+        "rope_type": "longrope", "rope_theta": 1e4, "short_factor": SHORT, "long_factor": LONG,
+        "original_max_position_embeddings": 16}}
+    v4 = {k: v for k, v in v5.items() if k != "rope_parameters"} | {
+        "rope_theta": 1e4, "original_max_position_embeddings": 16,
+        "rope_scaling": {"type": "longrope", "short_factor": SHORT, "long_factor": LONG}}
+    cfg = ModelConfig.from_dict(v5)
+    assert cfg == ModelConfig.from_dict(v4)
+    scaling = cfg.rope_scaling
+    assert (scaling.factor, scaling.original_max_position_embeddings) == (16.0, 16)
+    assert scaling.attention_factor == pytest.approx(math.sqrt(1 + math.log(16) / math.log(16)))
+    explicit = v5 | {"rope_parameters": v5["rope_parameters"] | {"attention_factor": 1.25}}
+    assert ModelConfig.from_dict(explicit).rope_scaling.attention_factor == 1.25
+
+
+@pytest.mark.parametrize("seq", [12, 40], ids=["short", "long"])
+def test_longrope_matches_transformers_below_and_above_the_original_length(tmp_path, seq):
+    model = make_tiny_model("phi3", layers=2, seed=2, original_max_position_embeddings=16,
+                            rope_scaling={"type": "longrope", "short_factor": SHORT, "long_factor": LONG})
+    ckpt = Checkpoint.open(save_checkpoint(model, tmp_path / "phi3-longrope"))
+    assert ckpt.config.rope_scaling.rope_type == "longrope"
+    arch = Arch.from_checkpoint(ckpt)
+    ids = torch.randint(0, 300, (2, seq), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+        h = arch.embed(ids, ckpt.embedding_weights())
+        for i in range(ckpt.num_layers):
+            h = arch.block_forward(h, ckpt.block_weights(i), arch.positions(seq, layer=i))
+        got = arch.final_logits(h, ckpt.final_weights())
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+    short = rotary_inv_freq(ckpt.config, seqlen=12)
+    assert not torch.equal(short, rotary_inv_freq(ckpt.config, seqlen=40))  # the factors switch at 16
 
 
 # ---- per-layer positions and fused names -------------------------------------------------------------
