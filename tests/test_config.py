@@ -52,9 +52,10 @@ def test_linear_scaling_and_legacy_type_key(key):
     assert ModelConfig.from_dict(V4 | {"rope_scaling": {key: "default"}}).rope_scaling is None
 
 
-@pytest.mark.parametrize("rope_type", ["yarn", "dynamic", "longrope"])
+@pytest.mark.parametrize("rope_type", ["yarn", "dynamic", "su"])
 def test_unsupported_rope_type_is_a_clear_error(rope_type):
-    with pytest.raises(CheckpointError, match=r"unsupported rope type .* \(supported: default, linear, llama3\)"):
+    supported = r"\(supported: default, linear, llama3, longrope\)"
+    with pytest.raises(CheckpointError, match=r"unsupported rope type .* " + supported):
         ModelConfig.from_dict(V4 | {"rope_scaling": {"rope_type": rope_type, "factor": 2.0}})
     with pytest.raises(CheckpointError, match="unsupported rope type"):
         ModelConfig.from_dict(V5 | {"rope_parameters": {"rope_type": rope_type, "rope_theta": 1e4, "factor": 2.0}})
