@@ -206,7 +206,7 @@ def _per_sample_activation_bytes(sh: ModelShapes, seqlen: int, compute_bytes: in
     return int(ACTIVATION_SLACK * max(grad, forward))
 
 
-def _block_bytes(sh: ModelShapes, compute_bytes: int, sparsegpt: bool) -> dict[str, int]:
+def _block_bytes(sh: ModelShapes, compute_bytes: int, sparsegpt: bool, rebuild: bool = True) -> dict[str, int]:
     """Byte estimates of one block on the compute device (resident and per-phase transients)."""
     c = compute_bytes
     numel = {n: o * i for n, (o, i) in sh.linears.items()}
@@ -218,7 +218,7 @@ def _block_bytes(sh: ModelShapes, compute_bytes: int, sparsegpt: bool) -> dict[s
     largest = max(numel.values())
     # Initial selection: the float32 score of one linear and the selector's scratch (about 2x).
     select = 3 * 4 * largest
-    gradient = rebuild = 0
+    gradient = rebuild_peak = 0
     freed = 0  # dense (and SparseGPT's updated) weights of the sub-blocks already rebuilt
     for names in (sh.attn, sh.mlp):
         sub = sum(numel[n] for n in names)
@@ -228,9 +228,11 @@ def _block_bytes(sh: ModelShapes, compute_bytes: int, sparsegpt: bool) -> dict[s
         # sample's squared gradient at a time.
         gradient = max(gradient, copies + 2 * 4 * sub + 4 * big - freed)
         # Scores (A dropped as scored), new masks and scoring scratch, less the masked weights dropped meanwhile.
-        rebuild = max(rebuild, 4 * sub + sub + 3 * 4 * big - freed - sub * c)
+        rebuild_peak = max(rebuild_peak, 4 * sub + sub + 3 * 4 * big - freed - sub * c)
         freed += sub * c * (2 if sparsegpt else 1)
-    return {"block_resident": resident, "select": select, "gradient_pass": gradient, "rebuild": rebuild}
+    if not rebuild:  # no gradient pass, no rebuild
+        gradient = rebuild_peak = 0
+    return {"block_resident": resident, "select": select, "gradient_pass": gradient, "rebuild": rebuild_peak}
 
 
 def _auto_cpu_budget() -> int:
@@ -267,6 +269,7 @@ class _Sizes:
     compute_bytes: int  # per element
     sparsegpt: bool
     on_gpu: bool
+    rebuild: bool
     base_rss: int
     extra_block: int  # a step beyond the rebuild at its peak (the re-fit), on top of every phase
     per_sample: int  # activations of one sample
@@ -277,7 +280,7 @@ class _Sizes:
 def _estimate(z: _Sizes, placement: Placement, prefetch: bool, mb: int) -> dict[str, int]:
     """Named byte estimates of one configuration; peak_cpu (and on a GPU run peak_gpu) are the totals."""
     sh, c = z.shapes, z.compute_bytes
-    block = _block_bytes(sh, c, z.sparsegpt)
+    block = _block_bytes(sh, c, z.sparsegpt, z.rebuild)
     work = block["block_resident"] + max(block["select"], block["gradient_pass"], block["rebuild"]) + z.extra_block
     staging = 2 * mb * z.seqlen * sh.hidden * c  # one micro-batch read from / written to a buffer
     prefetch_bytes = sh.block_stored_bytes if prefetch else 0
@@ -328,6 +331,7 @@ def plan_memory(
     budget: MemoryBudget,
     batch_size: int = 0,
     sparsegpt: bool = False,
+    rebuild: bool = True,
     base_rss: int = 0,
     extra_block_bytes: int = 0,
     cpu_budget: int | None = None,
@@ -345,6 +349,7 @@ def plan_memory(
             plan may lower it to fit the budget, never raise it. A mixture of experts
             (`ModelShapes.one_window`) always runs one window per call.
         sparsegpt: the initial method keeps X^T X and updated weights.
+        rebuild: the run has the gradient pass and the rebuild (without them, their peaks are not counted).
         base_rss: what the process holds already (RSS before the pruner allocates).
         extra_block_bytes: what a step beyond the rebuild holds on the compute device at its peak
             (the re-fit: `barber.reconstruct.plan_bytes`), counted on top of every phase.
@@ -359,7 +364,8 @@ def plan_memory(
     c = compute_dtype.itemsize
     cpu, cpu_source, gpu, gpu_source = _budgets(budget, device, cpu_budget, gpu_budget)
     z = _Sizes(
-        shapes=sh, seqlen=seqlen, compute_bytes=c, sparsegpt=sparsegpt, on_gpu=on_gpu, base_rss=base_rss,
+        shapes=sh, seqlen=seqlen, compute_bytes=c, sparsegpt=sparsegpt, on_gpu=on_gpu, rebuild=rebuild,
+        base_rss=base_rss,
         extra_block=extra_block_bytes,
         per_sample=_per_sample_activation_bytes(sh, seqlen, c),
         hidden_all=2 * nsamples * seqlen * sh.hidden * c,

@@ -132,7 +132,7 @@ class Pruner:
     def prepare(self, nsamples: int, seqlen: int) -> HiddenStates:
         """Plan memory for `nsamples` windows of `seqlen` tokens (once); raises BudgetError if impossible."""
         if self.states is None:
-            stages = [stage for sub in self.arch.subblocks() for stage in sub.stages]
+            stages = [sub.stages for sub in self.arch.subblocks()]
             extra = reconstruct.plan_bytes(self.ckpt.family.block_shapes(self.ckpt.config), stages, self.settings)
             self.states = HiddenStates(
                 self.ckpt, self.settings, nsamples, seqlen, self.budget, self.work_dir, extra_block_bytes=extra,

@@ -176,7 +176,7 @@ def _recorded(sub: SubBlock, x: torch.Tensor, w: Tensors, pos: Positions, names:
 
 
 class _GroupSums:
-    """The order-fixed sums of one group of linears that read one input (see `_stage_statistics`)."""
+    """The order-fixed sums of one group of linears that read one input (see `_stage_sums`)."""
 
     def __init__(self, states, group: tuple[str, ...], first: bool):
         self.group, self.first = group, first
@@ -214,12 +214,12 @@ class _GroupSums:
         return hessian, cross_diag.float(), cross, {n: float(t) for n, t in target_sq.items()}
 
 
-def _stage_statistics(states, sub, weights, dense, pos, stage: int) -> dict[tuple[str, ...], tuple | None]:
-    """Per group of stage `stage`: H = sum X_s^T X_s of the group's input, diag(sum X_d^T X_s), and per
-    linear B = sum Y_d^T X_s and sum ||Y_d||^2 (in stage 0 X_d = X_s, so B = W_d H, without the outputs).
+def _stage_sums(states, sub, weights, dense, pos, stage: int) -> dict[tuple[str, ...], _GroupSums]:
+    """Per group of stage `stage`, its open sums (`_GroupSums.result` closes them, one group at a time):
+    H = sum X_s^T X_s of the group's input, diag(sum X_d^T X_s), and per linear B = sum Y_d^T X_s and
+    sum ||Y_d||^2 (in stage 0 X_d = X_s, so B = W_d H, without the outputs).
 
-    Every sum is order-fixed (`barber.fold`), one sample at a time; the results exist on rank 0
-    (None on other ranks).
+    Every sum is order-fixed (`barber.fold`), one sample at a time.
     """
     sums = {g: _GroupSums(states, g, stage == 0) for g in sub.stages[stage]}
     for c, xs, xd in _inputs(states, sub, weights, dense, pos, stage):
@@ -228,7 +228,7 @@ def _stage_statistics(states, sub, weights, dense, pos, stage: int) -> dict[tupl
             for j, s in enumerate(c.samples):
                 a = a_all[j].reshape(-1, a_all.shape[-1])
                 group_sums.add(s, a, b_all[j].reshape(-1, b_all.shape[-1]), dense)
-    return {g: group_sums.result(dense) for g, group_sums in sums.items()}
+    return sums
 
 
 def refit_subblock(
@@ -260,10 +260,11 @@ def refit_subblock(
         world.share_weights(weights, [n + ".weight" for n in sub.names], dense)
         return {"relative_error": errors} if world.decides else None
     for stage in range(len(sub.stages)):
-        statistics = _stage_statistics(states, sub, weights, dense, pos, stage)
+        sums = _stage_sums(states, sub, weights, dense, pos, stage)
         with phase(times, "solve"):
-            for group, group_stats in statistics.items():
-                if group_stats is None:
+            for group in sub.stages[stage]:  # closed one group at a time, in the same order on every rank
+                group_stats = sums.pop(group).result(dense)
+                if group_stats is None:  # another rank's
                     continue
                 hessian, cross_diag, cross, target_sq = group_stats
                 if not bool(hessian.any()):  # no calibration token reached the group (an unchosen expert)
@@ -272,7 +273,7 @@ def refit_subblock(
                     errors[n] = _refit_one(
                         n, dense, weights, masks, hessian, cross_diag, cross.pop(n), target_sq[n], settings
                     )
-            del statistics
+                del group_stats, hessian, cross
         world.share_weights(weights, [n + ".weight" for g in sub.stages[stage] for n in g], dense)
     return {"relative_error": errors} if world.decides else None
 
@@ -287,26 +288,30 @@ def _refit_one(n, dense, weights, masks, hessian, cross_diag, cross, target_sq, 
     return [before, after]
 
 
-def plan_bytes(block_shapes: dict[str, tuple[int, ...]], stages, settings: PruneSettings) -> int:
+def plan_bytes(block_shapes: dict[str, tuple[int, ...]], subblocks, settings: PruneSettings) -> int:
     """Bytes the re-fit holds at its peak on the compute device, beyond the block's weights.
 
-    `stages`: the `SubBlock.stages` of the block's sub-blocks, one after another.
+    `subblocks`: the `SubBlock.stages` of each of the block's sub-blocks.
     ``layer``: one float32 X^T X per linear for the whole block (the statistics pass keeps them).
-    ``subblock``: a stage's sums of every group at once (H and its group partial per group, B and
-    its partial per linear).
+    ``subblock``: a stage's sums of every group at once: H and its group partial per group, and after
+    the first stage B and its partial per linear; then one group's results at a time (the first
+    stage's B = W_d H for the group's linears).
     Both: while one linear is solved, the shrunk and the damped H, its B, right-hand side and float32
     dense weight, and the solver's five [out, in] float32 tensors (solution, residual, preconditioned
     residual, direction, H times it).
     """
     if settings.reconstruct is Reconstruct.NONE:
         return 0
-    groups = [g for stage in stages for g in stage]
+    groups = [g for sub_stages in subblocks for stage in sub_stages for g in stage]
     shapes = {n: block_shapes[n + ".weight"] for g in groups for n in g}
     solve = max(2 * 4 * i * i + 8 * 4 * o * i for o, i in shapes.values())
     if settings.reconstruct is Reconstruct.LAYER:
         return sum(4 * i * i for _, i in shapes.values()) + solve
-    held = max(
-        sum(2 * 4 * shapes[g[0]][1] ** 2 + sum(2 * 4 * shapes[n][0] * shapes[n][1] for n in g) for g in stage)
-        for stage in stages
-    )
+    cross = {g: sum(4 * shapes[n][0] * shapes[n][1] for n in g) for g in groups}  # B of a group's linears
+    held = 0
+    for sub_stages in subblocks:
+        for k, stage in enumerate(sub_stages):
+            hessians = sum(2 * 4 * shapes[g[0]][1] ** 2 for g in stage)
+            crosses = max(cross[g] for g in stage) if k == 0 else sum(2 * cross[g] for g in stage)
+            held = max(held, hessians + crosses)
     return held + solve

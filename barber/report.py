@@ -175,6 +175,9 @@ class RunReport:
         }
         if self.resumed_at_block:
             out["resumed_at_block"] = self.resumed_at_block
+        unreached = sum(len(b.unreached) for b in self.blocks)
+        if unreached:  # expert linears no calibration token reached, over all blocks (pruned by magnitude)
+            out["unreached_linears"] = unreached
         if self.peak_gpu_memory is not None:
             out["peak_gpu_memory"] = self.peak_gpu_memory
         if self.eval is not None:
@@ -186,7 +189,7 @@ class RunReport:
         """A report read back from `barber_report.json` (any version)."""
         known = {"report_version", "barber_version", "input", "family", "settings", "calibration", "sparsity",
                  "row_sparsity", "swaps", "blocks", "seconds", "peak_rss", "output_bytes", "memory",
-                 "resumed_at_block", "peak_gpu_memory", "eval"}
+                 "resumed_at_block", "peak_gpu_memory", "eval", "unreached_linears"}
         blocks = [BlockReport.from_json(b) for b in d["blocks"]]
         phases = {}
         for b in blocks:

@@ -82,7 +82,7 @@ class HiddenStates:
         self.plan: MemoryPlan = plan_memory(
             model_shapes(ckpt), nsamples=self.local, seqlen=seqlen, compute_dtype=settings.dtype,
             device=settings.device, budget=budget, batch_size=settings.batch_size,
-            sparsegpt=settings.init is InitMethod.SPARSEGPT, base_rss=current_rss(),
+            sparsegpt=settings.init is InitMethod.SPARSEGPT, rebuild=settings.rebuild, base_rss=current_rss(),
             extra_block_bytes=extra_block_bytes,
         )
         self.prefetch = BlockPrefetcher(ckpt, enabled=self.plan.prefetch)

@@ -175,6 +175,7 @@ def test_experts_no_token_reaches_are_pruned_by_magnitude(tmp_path, init):
     ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
     report = prune_checkpoint(ckpt, tmp_path / "out", settings, ids, progress=False).to_json()
     before, after = read_shards(src), read_shards(tmp_path / "out")
+    assert report["unreached_linears"] == 2 * 4 * 3  # 2 blocks, 4 idle experts of 3 linears
     for block in report["blocks"]:
         names = [f"mlp.experts.{e}.{p}" for e in idle for p in ("gate_proj", "up_proj", "down_proj")]
         assert block["unreached"] == names

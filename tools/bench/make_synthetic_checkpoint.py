@@ -70,8 +70,17 @@ PRESETS: dict[str, dict] = {
     "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
                          rms_norm_eps=1e-5, rope_theta=100000.0),
+    "mixtral-8x7b": dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                         max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1000000.0,
+                         num_local_experts=8, num_experts_per_tok=2),
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+                          num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936,
+                          max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                          num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True),
 }
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 LINEAR_STD = 0.02
 EMBED_STD = 1.0
@@ -102,8 +111,8 @@ def tensor_order(ckpt_config: dict) -> list[tuple[str, tuple[int, ...]]]:
     from barber.config import ModelConfig
     from barber.families import EMBED_KEYS, FINAL_KEYS, family_for
 
-    fam = family_for(ckpt_config["model_type"])
     cfg = ModelConfig.from_dict(ckpt_config)
+    fam = family_for(ckpt_config["model_type"]).for_config(cfg)
     glob = fam.global_tensors(cfg)
     first = [glob[k] for k in EMBED_KEYS if k in glob]
     blocks = [
