@@ -7,6 +7,9 @@ Both the transformers 4 and transformers 5 spellings are accepted:
   `rope_local_base_freq`); `partial_rotary_factor` at the top level (4.x) or inside `rope_parameters`;
 - per-layer attention: `layer_types` (5.x) or, for Gemma, the 4.x default pattern (Gemma 2: every
   other layer sliding; Gemma 3: `sliding_window_pattern`, five sliding layers then one full);
+- Qwen's `use_sliding_window`: `sliding_window` applies only when it is true, on the layers
+  `layer_types` names (5.x) or, without it, on those transformers' rule for the model type picks
+  (`max_window_layers`; see `_qwen_window_layers`);
 - Gemma's `hidden_activation`, `query_pre_attn_scalar` and logit soft-capping;
 - OPT's own names: `ffn_dim`, `activation_function`, `enable_bias`, `word_embed_proj_dim`, `do_layer_norm_before`;
 - mixture-of-experts (`MOE_TYPES`): `num_local_experts` (Mixtral) or `num_experts` (Qwen),
@@ -261,6 +264,18 @@ def _layer_types(model_type: str, d: Mapping[str, Any], layers: int) -> tuple[st
     return tuple(types)
 
 
+def _qwen_window_layers(model_type: str, d: Mapping[str, Any], layers: int) -> tuple[str, ...] | None:
+    """Which layers of a Qwen config with `use_sliding_window` attend through the window, by transformers'
+    rule for that model type (where config.json lists no `layer_types`): Qwen2 and Qwen3 from layer
+    `max_window_layers` on; Qwen2-MoE the even-numbered layers below it; Qwen3-MoE every layer (None)."""
+    if model_type == "qwen3_moe":
+        return None
+    first = _get(d, "max_window_layers", int, 28)
+    if model_type == "qwen2_moe":
+        return tuple(SLIDING if (i + 1) % 2 and i < first else FULL for i in range(layers))
+    return tuple(SLIDING if i >= first else FULL for i in range(layers))
+
+
 def _rope(d: Mapping[str, Any], kind: str = FULL) -> tuple[float, RopeScaling | None]:
     """Rotary base and scaling of layer kind `kind`: `rope_parameters` (5.x) or `rope_theta`/`rope_scaling` (4.x)."""
     params = _rope_params(d, kind)
@@ -339,12 +354,15 @@ def _rotary_config(model_type: str, d: Mapping[str, Any]) -> ModelConfig:
     theta, scaling = _rope(d)
     local_theta, local_scaling = _local_rope(d)
     layers = _get(d, "num_hidden_layers", int, positive=True)
+    use_window = _get(d, "use_sliding_window", bool, None)  # Qwen: sliding_window is inert unless true
     sliding = None
-    if d.get("use_sliding_window"):
-        # Qwen2/Qwen3's per-layer sliding window (max_window_layers) is not implemented: refuse, never guess.
-        raise CheckpointError(f"model_type {model_type!r}: use_sliding_window=true is not supported")
-    if d.get("use_sliding_window") is None:  # Qwen's sliding_window is inert unless use_sliding_window
+    if use_window is None:
         sliding = _get(d, "sliding_window", int, None, positive=True)
+    elif use_window:
+        sliding = _get(d, "sliding_window", int, positive=True)
+    types = _layer_types(model_type, d, layers)
+    if use_window and d.get("layer_types") is None:
+        types = _qwen_window_layers(model_type, d, layers)
     partial = _partial_rotary(d, head_dim)
     for scale in (scaling, local_scaling):
         if scale is not None and scale.rope_type == "longrope":
@@ -372,7 +390,7 @@ def _rotary_config(model_type: str, d: Mapping[str, Any]) -> ModelConfig:
         attention_bias=_get(d, "attention_bias", bool, False),
         mlp_bias=_get(d, "mlp_bias", bool, False),
         sliding_window=sliding,
-        layer_types=_layer_types(model_type, d, layers),
+        layer_types=types,
         local_rope_theta=local_theta,
         local_rope_scaling=local_scaling,
         partial_rotary_factor=partial,

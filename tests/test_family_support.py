@@ -133,7 +133,6 @@ def test_unsupported_model_types_are_refused_in_one_line(tmp_path, model_type, r
     ("qwen3", {"num_experts": 8}, "mixture-of-experts blocks (num_experts)"),
     ("llama", {"kv_lora_rank": 16}, "multi-head latent attention (kv_lora_rank)"),
     ("gemma3_text", {"use_bidirectional_attention": True}, "bidirectional attention"),
-    ("qwen3", {"use_sliding_window": True}, "use_sliding_window=true is not supported"),
     ("gemma2", {"layer_types": ["chunked_attention"] * 3}, "layer type 'chunked_attention' is not supported"),
     ("phi3", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "unsupported rope type 'yarn'"),
     ("phi3", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8}},
@@ -148,6 +147,39 @@ def test_unsupported_structures_are_refused_naming_the_model_type(family, extra,
     assert "\n" not in str(err.value)
     if "rope" not in message:
         assert repr(family) in str(err.value)
+
+
+# ---- Qwen's use_sliding_window ------------------------------------------------------------------------
+
+
+def _logits(ckpt: Checkpoint, ids: torch.Tensor) -> torch.Tensor:
+    arch = Arch.from_checkpoint(ckpt)
+    with torch.no_grad():
+        h = arch.embed(ids, ckpt.embedding_weights())
+        for i in range(ckpt.num_layers):
+            h = arch.block_forward(h, ckpt.block_weights(i), arch.positions(ids.shape[1], layer=i))
+        return arch.final_logits(h, ckpt.final_weights())
+
+
+@pytest.mark.parametrize("family, types", [
+    ("qwen2", (FULL, SLIDING, SLIDING)), ("qwen3", (FULL, SLIDING, SLIDING)),
+    ("qwen2_moe", (SLIDING, FULL, FULL)), ("qwen3_moe", None),
+])
+def test_qwen_sliding_window_layers_match_transformers(tmp_path, family, types):
+    """transformers' per-type rule (max_window_layers = 1 here), from `layer_types` (5.x) or without it (4.x)."""
+    model = make_tiny_model(family, layers=3, seed=1, use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    root = save_checkpoint(model, tmp_path / family)
+    ckpt = Checkpoint.open(root)
+    assert (ckpt.config.layer_types, ckpt.config.sliding_window) == (types, 16)
+    raw = json.loads((root / "config.json").read_text())
+    assert ModelConfig.from_dict({k: v for k, v in raw.items() if k != "layer_types"}).layer_types == types
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+    got = _logits(ckpt, ids)
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+    (root / "config.json").write_text(json.dumps(raw | {"use_sliding_window": False}))
+    assert not torch.allclose(_logits(Checkpoint.open(root), ids), got, rtol=1e-3)  # the window mattered
 
 
 # ---- longrope (Phi-3 128k, Phi-3.5, Phi-4-mini) -----------------------------------------------------
