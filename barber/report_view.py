@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 from barber.errors import CheckpointError
@@ -23,6 +24,7 @@ __all__ = ["PNG_SIZE", "REPORT_MD", "REPORT_PNG", "plot", "render_markdown", "wr
 #: (width, height) of report.png in pixels.
 PNG_SIZE = (1200, 1200)
 _DPI = 100
+_EXPERT = re.compile(r"experts\.\d+\.")  # a routed expert's prefix in a linear's name
 
 
 def _subblock_losses(report: dict) -> dict[str, list[tuple[int, float | None, float]]]:
@@ -41,6 +43,18 @@ def _layer_sparsity(report: dict) -> dict[str, list[tuple[int, float]]]:
         for local, stats in block.get("layers", {}).items():
             out.setdefault(local, []).append((block["block"], stats["sparsity"]))
     return out
+
+
+def _by_kind(sparsity: dict[str, list[tuple[int, float]]]) -> dict[str, list[tuple[int, float]]]:
+    """The routed experts' linears averaged per kind (``experts.*.w1 (mean)``), so that a block of 128
+    experts draws three lines, not 384; every other linear as it is."""
+    groups: dict[str, dict[int, list[float]]] = {}
+    for local, rows in sparsity.items():
+        key = _EXPERT.sub("experts.*.", local)
+        key = key + " (mean)" if key != local else key
+        for block, value in rows:
+            groups.setdefault(key, {}).setdefault(block, []).append(value)
+    return {k: [(b, sum(v) / len(v)) for b, v in sorted(by_block.items())] for k, by_block in groups.items()}
 
 
 def _swaps(report: dict) -> dict[str, list[tuple[int, int]]]:
@@ -87,7 +101,7 @@ def plot(path: Path, report: dict | None = None, sparsity: dict[str, list[tuple[
             ax.text(0.5, 0.5, "no run report (barber_report.json)", ha="center", va="center", transform=ax.transAxes)
     loss_ax.set(title="reconstruction loss of each sub-block (before and after the rebuild / re-fit)",
                 xlabel="block", ylabel="MSE against the dense sub-block")
-    for local, rows in (sparsity or {}).items():
+    for local, rows in _by_kind(sparsity or {}).items():
         sparsity_ax.plot(*zip(*rows), "-o", ms=3, label=local)
     if sparsity:
         sparsity_ax.legend(fontsize=7, ncol=4)

@@ -124,7 +124,7 @@ def test_experts_see_one_window_per_call_and_the_stats_are_per_expert(tmp_path):
     arch = Arch.from_checkpoint(ckpt)
     w = ckpt.block_weights(0)
     x = torch.randn(1, SEQ, 64)
-    stats = Stats(False, lambda: _Plain())
+    stats = Stats(False, _Plain)
     arch.mlp_core(x, w, None, stats.linear(w, Chunk(range(0, 1), 0)))
     stats.finish(1)
     chosen, _ = moe.route(x[0], w["block_sparse_moe.gate.weight"], arch.config)
@@ -211,3 +211,12 @@ def test_micro_batch_wish_and_refit_keep_the_bytes(tmp_path, family):
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
     config = json.loads((src / "config.json").read_text())
     assert json.loads((tmp_path / "b1" / "config.json").read_text())["model_type"] == config["model_type"]
+
+
+def test_report_picture_averages_the_experts_per_kind():
+    from barber.report_view import _by_kind
+
+    rows = {"mlp.experts.0.w1": [(0, 0.5), (1, 0.4)], "mlp.experts.1.w1": [(0, 0.7), (1, 0.6)],
+            "self_attn.q_proj": [(0, 0.5)]}
+    assert _by_kind(rows) == {"mlp.experts.*.w1 (mean)": [(0, pytest.approx(0.6)), (1, pytest.approx(0.5))],
+                              "self_attn.q_proj": [(0, 0.5)]}
