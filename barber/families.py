@@ -17,7 +17,7 @@ are the same except where a family fuses several logical linears into one stored
 and rebuild rows of the fused matrix are exactly those of its parts. `FamilySpec.linears` and the
 sub-block name lists are stored names; `FamilySpec.fused_parts` says which rows hold which part.
 
-Mixture-of-experts families (`FamilySpec.moe`, a `MoESpec`) replace the MLP by a router and routed
+Mixture-of-experts families (`FamilySpec.moe`, a `barber.moe.MoESpec`) replace the MLP by a router and routed
 experts (and Qwen2-MoE's gated shared expert). Their linear names depend on the number of experts, so
 such a spec is resolved for one config with `FamilySpec.for_config` (`barber.model.Arch` and
 `barber.checkpoint.Checkpoint` do it); the routers stay dense and are not in `linears`.
@@ -33,47 +33,13 @@ from dataclasses import dataclass
 
 from barber.config import ModelConfig
 from barber.errors import CheckpointError
+from barber.moe import MoESpec
 
 #: Keys of the model-level (non-block) weights before the first block (`Checkpoint.embedding_weights`,
 #: what `barber.model.Arch.embed` needs) and after the last (`Checkpoint.final_weights`).
 EMBED_KEYS = ("embed_tokens", "embed_positions", "project_in")
 FINAL_KEYS = ("norm.weight", "norm.bias", "project_out", "lm_head")
 GLOBAL_KEYS = EMBED_KEYS + FINAL_KEYS
-
-
-@dataclass(frozen=True)
-class MoESpec:
-    """Where a mixture-of-experts MLP keeps its tensors (block-local names, without ``.weight``).
-
-    Attributes:
-        router: the [experts, d] router linear (kept dense).
-        expert: prefix of expert e, with an ``{e}`` field, e.g. ``"block_sparse_moe.experts.{e}."``.
-        gate, up, down: an expert's linears below its prefix: down(act(gate(x)) * up(x)).
-        shared: prefix of the always-on shared expert (Qwen2-MoE), or None.
-        shared_gate: the [1, d] linear whose sigmoid scales the shared expert's output, or None.
-        float32_scores: expert outputs are scaled by the float32 routing weights before the cast back
-            (Mixtral); otherwise the weights are cast to the compute dtype first (Qwen).
-    """
-
-    router: str
-    expert: str
-    gate: str
-    up: str
-    down: str
-    shared: str | None = None
-    shared_gate: str | None = None
-    float32_scores: bool = False
-
-    def expert_linears(self, e: int) -> tuple[str, str, str]:
-        """Expert e's (gate, up, down) block-local names."""
-        prefix = self.expert.format(e=e)
-        return (prefix + self.gate, prefix + self.up, prefix + self.down)
-
-    def shared_linears(self) -> tuple[str, str, str] | None:
-        """The shared expert's (gate, up, down), or None."""
-        if self.shared is None:
-            return None
-        return (self.shared + self.gate, self.shared + self.up, self.shared + self.down)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE): routing and the expert loop.
+"""The mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE): its layout (`MoESpec`, the data a
+`barber.families.FamilySpec` carries), routing and the expert loop.
 
 For each token the dense router picks `experts_per_token` of the block's experts by softmax
 probability (top-k in float32, renormalised to sum to 1 where the family does); each chosen expert
@@ -18,16 +19,51 @@ as constants (the router and its input need no gradient).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 
 from barber.config import ModelConfig
-from barber.families import MoESpec
 
 Weights = Mapping[str, torch.Tensor]
 Linear = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """Where a mixture-of-experts MLP keeps its tensors (block-local names, without ``.weight``).
+
+    Attributes:
+        router: the [experts, d] router linear (kept dense).
+        expert: prefix of expert e, with an ``{e}`` field, e.g. ``"block_sparse_moe.experts.{e}."``.
+        gate, up, down: an expert's linears below its prefix: down(act(gate(x)) * up(x)).
+        shared: prefix of the always-on shared expert (Qwen2-MoE), or None.
+        shared_gate: the [1, d] linear whose sigmoid scales the shared expert's output, or None.
+        float32_scores: expert outputs are scaled by the float32 routing weights before the cast back
+            (Mixtral); otherwise the weights are cast to the compute dtype first (Qwen).
+    """
+
+    router: str
+    expert: str
+    gate: str
+    up: str
+    down: str
+    shared: str | None = None
+    shared_gate: str | None = None
+    float32_scores: bool = False
+
+    def expert_linears(self, e: int) -> tuple[str, str, str]:
+        """Expert e's (gate, up, down) block-local names."""
+        prefix = self.expert.format(e=e)
+        return (prefix + self.gate, prefix + self.up, prefix + self.down)
+
+    def shared_linears(self) -> tuple[str, str, str] | None:
+        """The shared expert's (gate, up, down), or None."""
+        if self.shared is None:
+            return None
+        return (self.shared + self.gate, self.shared + self.up, self.shared + self.down)
 
 
 def route(x: torch.Tensor, router: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
