@@ -210,14 +210,10 @@ def test_longrope_matches_transformers_below_and_above_the_original_length(tmp_p
                             rope_scaling={"type": "longrope", "short_factor": SHORT, "long_factor": LONG})
     ckpt = Checkpoint.open(save_checkpoint(model, tmp_path / "phi3-longrope"))
     assert ckpt.config.rope_scaling.rope_type == "longrope"
-    arch = Arch.from_checkpoint(ckpt)
     ids = torch.randint(0, 300, (2, seq), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = model(ids).logits
-        h = arch.embed(ids, ckpt.embedding_weights())
-        for i in range(ckpt.num_layers):
-            h = arch.block_forward(h, ckpt.block_weights(i), arch.positions(seq, layer=i))
-        got = arch.final_logits(h, ckpt.final_weights())
+    got = _logits(ckpt, ids)
     assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
     short = rotary_inv_freq(ckpt.config, seqlen=12)
     assert not torch.equal(short, rotary_inv_freq(ckpt.config, seqlen=40))  # the factors switch at 16
